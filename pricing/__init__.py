@@ -1,0 +1,1 @@
+"""Generated protobuf code for the pricing.v1 contracts (see protos/)."""

@@ -1,0 +1,166 @@
+"""Configuration: ``PRICING_`` environment variables, shared by both processes.
+
+Loaded once in each ``__main__`` (:func:`load_settings`) and passed down explicitly.
+Invalid configuration fails at start-up with a :class:`ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pricing_service.errors import ConfigError
+
+ENV_PREFIX = "PRICING_"
+#: The membership value encoding keeps at most this many seconds between a fact and its expiry
+#: (see ``pricing_service.membership.layout``).
+MAX_TTL_S = 4_999_999
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the environment variable is ``PRICING_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", frozen=True
+    )
+
+    # --- stores -------------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis holding crowd membership (redis://, rediss://)",
+    )
+    redis_namespace: str = Field(
+        "",
+        description="Prefix of every Redis key this deployment owns (isolation of tenants/tests)",
+    )
+    redis_socket_timeout_ms: int = Field(2000, ge=10, description="Redis socket read timeout")
+    redis_connect_timeout_ms: int = Field(1000, ge=10, description="Redis connect timeout")
+    redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size")
+    rule_store_url: str = Field(
+        "sqlite:///./pricing.db", description="Rule store: sqlite:///path or postgresql://..."
+    )
+    rule_store_pool_size: int = Field(8, ge=1, description="PostgreSQL pool size")
+
+    # --- server ---------------------------------------------------------------------------
+    listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus port (0 = off)")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token(s) for DiscountAdminService, comma-separated to rotate"
+    )
+    read_token: SecretStr | None = Field(
+        None, description="Bearer token(s) required by PricingService (unset = open)"
+    )
+    workers: int = Field(1, ge=1, le=256, description="Server processes sharing the port")
+    grace_period_s: float = Field(10.0, ge=0, description="SIGTERM drain time for in-flight RPCs")
+    max_batch_items: int = Field(200, ge=1, le=10_000, description="Items per BatchGetLowestPrice")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Max gRPC message size")
+    max_concurrent_rpcs: int = Field(
+        1000, ge=1, description="In-flight RPCs per process; RESOURCE_EXHAUSTED beyond"
+    )
+    max_id_length: int = Field(128, ge=1, le=1024, description="Max length of any id")
+
+    # --- serving path ---------------------------------------------------------------------
+    rule_refresh_interval_ms: int = Field(200, ge=10, description="Rule index change-feed poll")
+    membership_budget_ms: int = Field(
+        50, ge=1, description="Time a page's membership lookup may take before degrading"
+    )
+    breaker_failure_threshold: int = Field(5, ge=1, description="Failures that open the breaker")
+    breaker_reset_ms: int = Field(1000, ge=10, description="Open breaker probe interval")
+    strict_max_lag_ms: int = Field(
+        2000, ge=0, description="CheckDiscountStrict refuses when the sync watermark is older"
+    )
+
+    # --- membership -----------------------------------------------------------------------
+    membership_ttl_s: int = Field(48 * 3600, ge=60, le=MAX_TTL_S, description="Membership TTL")
+    tombstone_ttl_s: int = Field(
+        48 * 3600, ge=60, le=MAX_TTL_S, description="Unfollow tombstone TTL"
+    )
+    snapshot_max_age_s: int = Field(
+        36 * 3600, ge=60, description="Oldest snapshot (age of its cut) the loader accepts"
+    )
+    old_fan_min_days: int = Field(30, ge=0, le=3650, description="Days of following for old_fans")
+
+    # --- sync worker ----------------------------------------------------------------------
+    events_stream: str = Field("pricing:relation-events", description="Relation event stream")
+    consumer_group: str = Field("pricing-sync", description="Stream consumer group")
+    consumer_name: str = Field("", description="Consumer name (default: host-pid)")
+    stream_batch_size: int = Field(500, ge=1, le=100_000, description="XREADGROUP COUNT")
+    stream_block_ms: int = Field(1000, ge=0, description="XREADGROUP BLOCK")
+    stream_claim_idle_ms: int = Field(
+        30_000, ge=100, description="Reclaim pending entries idle this long"
+    )
+    stream_max_deliveries: int = Field(5, ge=1, description="Deliveries before dead-lettering")
+    dead_letter_stream: str = Field(
+        "pricing:relation-events:dead", description="Where poison entries go"
+    )
+    snapshot_batch_rows: int = Field(5000, ge=1, description="Rows per snapshot write batch")
+    snapshot_max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="Malformed-row share that stops a load"
+    )
+
+    # --- logs -----------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = console on a terminal, JSON otherwise"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        return v
+
+    @field_validator("rule_store_url")
+    @classmethod
+    def _store_scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or postgresql://...")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
+        return v
+
+    @model_validator(mode="after")
+    def _tombstones_outlive_snapshots(self) -> Settings:
+        if self.tombstone_ttl_s < self.snapshot_max_age_s:
+            raise ValueError(
+                f"PRICING_TOMBSTONE_TTL_S ({self.tombstone_ttl_s}s) is shorter than "
+                f"PRICING_SNAPSHOT_MAX_AGE_S ({self.snapshot_max_age_s}s): a snapshot cut before "
+                "an unfollow could be loaded after the unfollow's tombstone expired and bring "
+                "the relation back. Raise the tombstone TTL or lower the snapshot max age."
+            )
+        return self
+
+    def admin_tokens(self) -> frozenset[str]:
+        return _tokens(self.admin_token)
+
+    def read_tokens(self) -> frozenset[str]:
+        return _tokens(self.read_token)
+
+
+def _tokens(secret: SecretStr | None) -> frozenset[str]:
+    if secret is None:
+        return frozenset()
+    return frozenset(t.strip() for t in secret.get_secret_value().split(",") if t.strip())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus ``overrides``); raise :class:`ConfigError` naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p != "__root__"]
+            name = ENV_PREFIX + loc[0].upper() if loc else "configuration"
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {msg}" if loc else msg)
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,1 @@
+"""Crowd membership materialised in Redis (layout, derivation of crowds from facts, store)."""

@@ -1,0 +1,218 @@
+"""The Redis layout of crowd membership: the only module that knows key names and encodings.
+
+Both ``pricing_service`` and ``sync_worker`` import this module; nothing else touches these keys.
+
+Keys (``<ns>`` is ``PRICING_REDIS_NAMESPACE``, empty by default):
+
+* ``<ns>cm:{<user_id>}`` - one hash per buyer. The braces are a Redis Cluster hash tag, so every
+  record of a buyer lives in one slot: a page's lookup is one ``HMGET`` and every write is one
+  single-key Lua call, on standalone Redis and on Redis Cluster alike.
+* ``<ns>sync:watermark`` - the stream consumer's watermark (ms): every event published before it
+  has been applied.
+* ``<ns>sync:snapshot:{<snapshot_id>}`` - snapshot loader checkpoints (hash: part -> rows done).
+
+Hash field = the crowd, compactly: for a canonical numeric seller id (``[1-9][0-9]{0,14}``) the
+decimal integer ``seller * 4 + kind`` (Redis stores it as an integer inside the listpack); any
+other seller id is ``<kind letter><seller_id>`` with letters ``a``/``o``/``p``. A field that starts
+with a digit is numeric, so the two forms never collide.
+
+Hash value = one decimal integer (stored as a 64-bit integer in the listpack, 10 bytes)::
+
+    value = (version_ms - EPOCH_MS) * 10**7 + ttl_s * 2 + tombstone
+
+``version_ms`` is the time of the fact (event ``occurred_at`` or snapshot cut), ``ttl_s`` the
+seconds from the fact to the record's expiry (``expires_ms = version_ms + ttl_s * 1000``, at most
+:data:`MAX_TTL_S`), ``tombstone`` 1 for an unfollow's tombstone. Versions must fall between
+:data:`EPOCH_MS` (2024-01-01) and about 2053; a fact older than the epoch is long expired anyway.
+The Lua script compares records with Lua doubles, which are exact below 2**53: it splits the
+decimal string instead of doing 64-bit arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from pricing_service.domain import Crowd, CrowdKind
+
+EPOCH_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+LOW: Final = 10**7
+MAX_TTL_S: Final = (LOW - 1) // 2  # 4,999,999 s, about 57.8 days
+MAX_VERSION_MS: Final = EPOCH_MS + (2**63 - 1) // LOW - 1
+
+_KIND_LETTER: Final = {
+    CrowdKind.ALL_FANS: "a",
+    CrowdKind.OLD_FANS: "o",
+    CrowdKind.PURCHASED_FANS: "p",
+}
+_LETTER_KIND: Final = {v: k for k, v in _KIND_LETTER.items()}
+_NUMERIC_SELLER = re.compile(r"[1-9][0-9]{0,14}")
+
+
+class LayoutError(ValueError):
+    """A value cannot be represented in (or decoded from) the layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One (buyer, crowd) membership record as stored."""
+
+    tombstone: bool
+    version_ms: int
+    expires_ms: int
+
+    def is_member(self, now_ms: int) -> bool:
+        return not self.tombstone and self.expires_ms > now_ms
+
+    def is_live(self, now_ms: int) -> bool:
+        return self.expires_ms > now_ms
+
+
+class MembershipLayout:
+    """Key names and encodings, bound to a namespace prefix."""
+
+    __slots__ = ("_user_prefix", "namespace")
+
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
+        self._user_prefix = f"{namespace}cm:{{"
+
+    # --- keys -------------------------------------------------------------------------------
+    def user_key(self, user_id: str) -> str:
+        return f"{self._user_prefix}{user_id}}}"
+
+    def user_key_pattern(self) -> str:
+        """SCAN pattern matching every buyer hash of this namespace."""
+        return f"{self._user_prefix}*"
+
+    def user_from_key(self, key: str) -> str:
+        if not key.startswith(self._user_prefix) or not key.endswith("}"):
+            raise LayoutError(f"not a membership key: {key!r}")
+        return key[len(self._user_prefix) : -1]
+
+    @property
+    def watermark_key(self) -> str:
+        return f"{self.namespace}sync:watermark"
+
+    def snapshot_checkpoint_key(self, snapshot_id: str) -> str:
+        return f"{self.namespace}sync:snapshot:{{{snapshot_id}}}"
+
+    # --- fields -------------------------------------------------------------------------------
+    @staticmethod
+    def crowd_field(crowd: Crowd) -> str:
+        s = crowd.seller_id
+        if _NUMERIC_SELLER.fullmatch(s):
+            return str(int(s) * 4 + int(crowd.kind))
+        return _KIND_LETTER[crowd.kind] + s
+
+    @staticmethod
+    def field_crowd(field: str | bytes) -> Crowd:
+        f = field.decode() if isinstance(field, bytes) else field
+        if not f:
+            raise LayoutError("empty crowd field")
+        if f[0].isdigit():
+            n = int(f)
+            code = n % 4
+            if code == 0:
+                raise LayoutError(f"bad crowd field {f!r}")
+            return Crowd(str(n // 4), CrowdKind(code))
+        kind = _LETTER_KIND.get(f[0])
+        if kind is None or len(f) < 2:
+            raise LayoutError(f"bad crowd field {f!r}")
+        return Crowd(f[1:], kind)
+
+    # --- values -------------------------------------------------------------------------------
+    @staticmethod
+    def encode(version_ms: int, expires_ms: int, *, tombstone: bool) -> str:
+        if version_ms <= EPOCH_MS or version_ms > MAX_VERSION_MS:
+            raise LayoutError(f"version {version_ms} ms is outside the layout's time range")
+        ttl_s = max(-((version_ms - expires_ms) // 1000), 0)  # ceil, in integers
+        if ttl_s > MAX_TTL_S:
+            raise LayoutError(f"ttl {ttl_s}s exceeds the layout maximum of {MAX_TTL_S}s")
+        return str((version_ms - EPOCH_MS) * LOW + ttl_s * 2 + (1 if tombstone else 0))
+
+    @staticmethod
+    def decode(value: str | bytes | int) -> Record:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise LayoutError(f"bad membership value {value!r}") from None
+        if n < LOW:
+            raise LayoutError(f"bad membership value {value!r}")
+        off, low = divmod(n, LOW)
+        version = EPOCH_MS + off
+        return Record(
+            tombstone=bool(low & 1), version_ms=version, expires_ms=version + (low >> 1) * 1000
+        )
+
+
+#: Atomic last-writer-wins upsert of one buyer's records.
+#: KEYS[1] = buyer hash; ARGV[1] = now (ms since EPOCH_MS);
+#: then triples: field, encoded value, condition field ('' = none: else the write applies only
+#: while that field is a live member, e.g. purchased_fans needs a current all_fans).
+#: Expired and undecodable fields are dropped first; a write applies only if its version is newer
+#: (equal versions: tombstone wins); a winning record that is already expired is deleted; the key
+#: expires at the latest remaining field expiry. Returns {applied, stale, condition_unmet}.
+APPLY_LUA: Final = (
+    """
+local EPOCH_MS = %EPOCH%
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local raw = redis.call('HGETALL', key)
+local cur = {}
+local drop = {}
+local function parse(v)
+  local n = #v
+  if n < 8 then return nil end
+  local ver = tonumber(string.sub(v, 1, n - 7))
+  local low = tonumber(string.sub(v, n - 6))
+  if ver == nil or low == nil then return nil end
+  local tomb = low % 2
+  return ver, tomb, ver + (low - tomb) / 2 * 1000
+end
+for i = 1, #raw, 2 do
+  local ver, tomb, exp = parse(raw[i + 1])
+  if ver == nil or exp <= now then
+    drop[#drop + 1] = raw[i]
+  else
+    cur[raw[i]] = {ver, tomb, exp, raw[i + 1]}
+  end
+end
+local applied, stale, unmet = 0, 0, 0
+local touched = {}
+for i = 2, #ARGV, 3 do
+  local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local ver, tomb, exp = parse(v)
+  local old = cur[f]
+  local cond = nil
+  if c ~= '' then cond = cur[c] end
+  if ver == nil then
+    stale = stale + 1
+  elseif c ~= '' and (cond == nil or cond[2] == 1) then
+    unmet = unmet + 1
+  elseif old ~= nil and (ver < old[1] or (ver == old[1] and tomb <= old[2])) then
+    stale = stale + 1
+  else
+    applied = applied + 1
+    touched[f] = true
+    if exp <= now then cur[f] = nil else cur[f] = {ver, tomb, exp, v} end
+  end
+end
+for i = 1, #drop do
+  if touched[drop[i]] == nil then redis.call('HDEL', key, drop[i]) end
+end
+local maxexp = -1
+for f, rec in pairs(cur) do
+  if rec[3] > maxexp then maxexp = rec[3] end
+end
+for f, _ in pairs(touched) do
+  local rec = cur[f]
+  if rec == nil then redis.call('HDEL', key, f) else redis.call('HSET', key, f, rec[4]) end
+end
+if maxexp >= 0 then
+  redis.call('PEXPIREAT', key, string.format('%.0f', maxexp + EPOCH_MS))
+end
+return {applied, stale, unmet}
+"""
+).replace("%EPOCH%", str(EPOCH_MS))

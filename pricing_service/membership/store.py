@@ -1,0 +1,220 @@
+"""Membership store: atomic versioned writes and one-round-trip page lookups in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
+
+from pricing_service.domain import Clock, Crowd, CrowdKind
+from pricing_service.membership.derive import MembershipWrite
+from pricing_service.membership.layout import (
+    APPLY_LUA,
+    EPOCH_MS,
+    MAX_VERSION_MS,
+    LayoutError,
+    MembershipLayout,
+    Record,
+)
+
+
+class AnomalySink(Protocol):
+    """Receives counts of reads that found something unexpected (metric hook)."""
+
+    def membership_anomaly(self, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What a batch of writes did."""
+
+    applied: int = 0
+    stale: int = 0
+    condition_unmet: int = 0
+    failed_users: dict[str, str] = field(default_factory=dict)
+
+    def add(self, other: ApplyResult) -> None:
+        self.applied += other.applied
+        self.stale += other.stale
+        self.condition_unmet += other.condition_unmet
+        self.failed_users.update(other.failed_users)
+
+
+def base_crowd(crowd: Crowd) -> Crowd:
+    """The all_fans crowd of the same seller: every crowd kind implies following."""
+    return Crowd(crowd.seller_id, CrowdKind.ALL_FANS)
+
+
+class MembershipStore:
+    """The only reader and writer of membership keys (layout in :mod:`.layout`)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        layout: MembershipLayout,
+        clock: Clock,
+        anomalies: AnomalySink | None = None,
+    ) -> None:
+        self.redis = redis
+        self.layout = layout
+        self.clock = clock
+        self._sink = anomalies
+        self.anomaly_counts: collections.Counter[str] = collections.Counter()
+        self._script = APPLY_LUA
+        self._sha: str | None = None
+
+    # --- writes --------------------------------------------------------------------------
+    async def load_script(self) -> str:
+        sha = await self.redis.script_load(self._script)
+        self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+        return self._sha
+
+    def _args_by_user(self, writes: Iterable[MembershipWrite]) -> tuple[dict[str, list[str]], int]:
+        by_user: dict[str, list[str]] = {}
+        expired = 0
+        field_of = self.layout.crowd_field
+        encode = self.layout.encode
+        for w in writes:
+            if w.version_ms <= EPOCH_MS or w.version_ms > MAX_VERSION_MS:
+                expired += 1  # older than the layout epoch: long expired under any TTL
+                continue
+            args = by_user.get(w.user_id)
+            if args is None:
+                args = by_user[w.user_id] = []
+            args.append(field_of(w.crowd))
+            args.append(encode(w.version_ms, w.expires_ms, tombstone=w.tombstone))
+            args.append(field_of(w.requires) if w.requires is not None else "")
+        return by_user, expired
+
+    async def apply(self, writes: Iterable[MembershipWrite]) -> ApplyResult:
+        """Apply writes (any buyers, any order) in one pipeline: one Lua call per buyer.
+
+        Idempotent and commutative: replaying a batch, or applying batches out of order, ends
+        in the same state. Buyers whose key cannot be written (wrong type) are reported in
+        ``failed_users`` and the rest still apply.
+        """
+        by_user, expired = self._args_by_user(writes)
+        result = ApplyResult(stale=expired)
+        if not by_user:
+            return result
+        if self._sha is None:
+            await self.load_script()
+        users = list(by_user)
+        for attempt in range(2):
+            now_off = str(self.clock.now_ms() - EPOCH_MS)
+            pipe = self.redis.pipeline(transaction=False)
+            sha = self._sha
+            for user in users:
+                pipe.evalsha(sha, 1, self.layout.user_key(user), now_off, *by_user[user])  # type: ignore[arg-type]
+            replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await self.load_script()  # Redis restarted or SCRIPT FLUSH: reload, replay all
+                continue
+            break
+        for user, reply in zip(users, replies, strict=True):
+            if isinstance(reply, Exception):
+                result.failed_users[user] = str(reply)
+                continue
+            result.applied += int(reply[0])
+            result.stale += int(reply[1])
+            result.condition_unmet += int(reply[2])
+        return result
+
+    # --- reads ---------------------------------------------------------------------------
+    def _anomaly(self, reason: str) -> None:
+        self.anomaly_counts[reason] += 1
+        if self._sink is not None:
+            self._sink.membership_anomaly(reason)
+
+    async def raw_records(
+        self, user_id: str, crowds: Sequence[Crowd], *, redis: aioredis.Redis | None = None
+    ) -> list[bytes | None]:
+        """One ``HMGET`` for all ``crowds``; raises on Redis errors other than a wrong type."""
+        if not crowds:
+            return []
+        client = redis or self.redis
+        fields = [self.layout.crowd_field(c) for c in crowds]
+        try:
+            values: list[bytes | None] = await client.hmget(  # type: ignore[assignment]
+                self.layout.user_key(user_id), fields
+            )
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                self._anomaly("wrong_type")
+                return [None] * len(crowds)
+            raise
+        return values
+
+    async def records(
+        self, user_id: str, crowds: Sequence[Crowd], *, redis: aioredis.Redis | None = None
+    ) -> dict[Crowd, Record | None]:
+        """The stored record of each crowd (``None`` when absent or undecodable)."""
+        values = await self.raw_records(user_id, crowds, redis=redis)
+        out: dict[Crowd, Record | None] = {}
+        for crowd, raw in zip(crowds, values, strict=True):
+            if raw is None:
+                out[crowd] = None
+                continue
+            try:
+                out[crowd] = self.layout.decode(raw)
+            except LayoutError:
+                self._anomaly("corrupt_value")
+                out[crowd] = None
+        return out
+
+    async def member_crowds(
+        self,
+        user_id: str,
+        crowds: Sequence[Crowd],
+        *,
+        now_ms: int | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> frozenset[Crowd]:
+        """Which of ``crowds`` the buyer is a member of now: one ``HMGET``, one round trip.
+
+        old_fans and purchased_fans also require a live all_fans record of the same seller
+        (both kinds mean "follows the seller and ..."), so an unfollow's all_fans tombstone
+        ends every crowd of that seller even if the other tombstones were outrun.
+        A missing key, a tombstone, an expired record, a corrupt value or a key of the wrong
+        type all read as "not a member" (the last two counted as anomalies).
+        """
+        if not crowds:
+            return frozenset()
+        now = self.clock.now_ms() if now_ms is None else now_ms
+        wanted = list(dict.fromkeys([*crowds, *(base_crowd(c) for c in crowds)]))
+        values = await self.raw_records(user_id, wanted, redis=redis)
+        live: set[Crowd] = set()
+        decode = self.layout.decode
+        for crowd, raw in zip(wanted, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                rec = decode(raw)
+            except LayoutError:
+                self._anomaly("corrupt_value")
+                continue
+            if rec.is_member(now):
+                live.add(crowd)
+        return frozenset(c for c in crowds if c in live and base_crowd(c) in live)
+
+    async def all_records(self, user_id: str) -> dict[Crowd, Record]:
+        """Every decodable record of a buyer (diagnostics and tests; not on the hot path)."""
+        raw = await self.redis.hgetall(self.layout.user_key(user_id))
+        out: dict[Crowd, Record] = {}
+        for f, v in raw.items():
+            try:
+                out[self.layout.field_crowd(f)] = self.layout.decode(v)
+            except LayoutError:
+                self._anomaly("corrupt_value")
+        return out
+
+
+async def wait_closed(client: aioredis.Redis) -> None:
+    """Close a client and its pool."""
+    await client.aclose()
+    await asyncio.sleep(0)

@@ -1,0 +1,27 @@
+"""Redis client construction: one place, explicit timeouts, a blocking pool."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from pricing_service.config import Settings
+
+
+def make_redis(
+    settings: Settings, *, socket_timeout_ms: int | None = None, max_connections: int | None = None
+) -> aioredis.Redis:
+    """An asyncio Redis client with explicit timeouts (never the library defaults).
+
+    ``socket_timeout_ms`` must exceed any blocking command's block time (XREADGROUP BLOCK):
+    redis-py 8 defaults to 5 s, which breaks long blocking reads.
+    """
+    timeout = (socket_timeout_ms or settings.redis_socket_timeout_ms) / 1000
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=max_connections or settings.redis_max_connections,
+        timeout=timeout,  # wait for a free connection at most this long
+        socket_timeout=timeout,
+        socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
