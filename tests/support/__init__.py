@@ -1,0 +1,1 @@
+"""Test support: real services (private redis-server processes, free ports)."""
