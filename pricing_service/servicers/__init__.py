@@ -1,0 +1,1 @@
+"""gRPC servicers: convert proto <-> domain, nothing more."""
