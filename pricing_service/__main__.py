@@ -1,0 +1,170 @@
+"""``pricing-service``: serve, migrate, manage rules, and query prices from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from pricing_service.config import Settings, load_settings
+from pricing_service.errors import ConfigError, PricingError
+from pricing_service.logging import configure_logging
+
+log = structlog.get_logger("pricing_service")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pricing-service",
+        description="Crowd pricing gRPC service. Configuration: PRICING_* environment variables.",
+    )
+    sub = p.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gRPC server (default)")
+    serve.add_argument("--workers", type=int, default=None, help="processes sharing the port")
+    serve.add_argument("--listen", default=None, help="override PRICING_LISTEN")
+    sub.add_parser("migrate", help="apply rule store schema migrations and exit")
+
+    rules = sub.add_parser("rules", help="manage discount rules in the rule store")
+    rsub = rules.add_subparsers(dest="rules_command", required=True)
+    imp = rsub.add_parser("import", help="upsert rules from a JSON-lines or CSV file, atomically")
+    imp.add_argument("file")
+    imp.add_argument("--actor", default="cli")
+    up = rsub.add_parser("upsert", help="create or replace the rule of (item, crowd)")
+    up.add_argument("--seller", required=True)
+    up.add_argument("--item", required=True)
+    up.add_argument("--crowd", required=True, choices=["all_fans", "old_fans", "purchased_fans"])
+    up.add_argument("--price", required=True, help="decimal, e.g. 18.88")
+    up.add_argument("--currency", required=True)
+    up.add_argument("--start", default=None, help="RFC 3339 start time")
+    up.add_argument("--end", default=None, help="RFC 3339 end time")
+    up.add_argument("--actor", default="cli")
+    ls = rsub.add_parser("list", help="list rules by seller and/or item")
+    ls.add_argument("--seller", default="")
+    ls.add_argument("--item", default="")
+
+    price = sub.add_parser("price", help="ask a running server for a buyer's prices")
+    price.add_argument("--user", default="", help="buyer id (empty = anonymous)")
+    price.add_argument(
+        "--items", required=True, help="comma-separated item ids, each optionally ITEM=LIST_PRICE"
+    )
+    price.add_argument("--currency", default="CNY", help="currency of list prices")
+    price.add_argument("--explain", action="store_true")
+    price.add_argument("--target", default=None, help="server address (default PRICING_LISTEN)")
+    check = sub.add_parser("check", help="ask a running server for a strict checkout decision")
+    check.add_argument("--user", required=True)
+    check.add_argument("--item", required=True)
+    check.add_argument("--expected-price", default=None, help="decimal, e.g. 18.88")
+    check.add_argument("--currency", default="CNY")
+    check.add_argument("--target", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        overrides: dict[str, object] = {}
+        if getattr(args, "listen", None):
+            overrides["listen"] = args.listen
+        if getattr(args, "workers", None):
+            overrides["workers"] = args.workers
+        settings = load_settings(**overrides)
+    except ConfigError as exc:
+        print(f"pricing-service: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+    command = args.command or "serve"
+    try:
+        if command == "serve":
+            sys.exit(serve(settings))
+        elif command == "migrate":
+            from pricing_service.rules import cli as rules_cli  # noqa: PLC0415
+
+            sys.exit(asyncio.run(rules_cli.migrate(settings)))
+        elif command == "rules":
+            sys.exit(asyncio.run(_rules(settings, args)))
+        elif command in ("price", "check"):
+            from pricing_service import client_cli  # noqa: PLC0415
+
+            sys.exit(client_cli.run(settings, args))
+    except PricingError as exc:
+        print(f"pricing-service: {exc.reason}: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+async def _rules(settings: Settings, args: argparse.Namespace) -> int:
+    from pricing_service.rules import cli as rules_cli  # noqa: PLC0415
+
+    if args.rules_command == "import":
+        return await rules_cli.import_rules(settings, args.file, args.actor)
+    if args.rules_command == "upsert":
+        return await rules_cli.upsert_rule(
+            settings,
+            seller_id=args.seller,
+            item_id=args.item,
+            crowd=args.crowd,
+            price=args.price,
+            currency=args.currency,
+            start=args.start,
+            end=args.end,
+            actor=args.actor,
+        )
+    return await rules_cli.list_rules(settings, seller_id=args.seller, item_id=args.item)
+
+
+def serve(settings: Settings) -> int:
+    """Run ``settings.workers`` server processes on one port (SO_REUSEPORT).
+
+    With several workers the processes are forked here, before any gRPC object exists (gRPC
+    does not survive a fork); each child runs its own event loop, server and clients and
+    exports metrics on ``metrics_port + index``.
+    """
+    if settings.workers <= 1:
+        return asyncio.run(_serve_one(settings))
+    children: list[int] = []
+    for i in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            port = settings.metrics_port + i if settings.metrics_port else 0
+            child = settings.model_copy(update={"metrics_port": port, "workers": 1})
+            code = 1
+            try:
+                code = asyncio.run(_serve_one(child, worker=i))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    log.info("workers_started", workers=len(children), pids=children)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+    return worst
+
+
+async def _serve_one(settings: Settings, worker: int = 0) -> int:
+    from pricing_service.server import PricingServer  # noqa: PLC0415 - no gRPC before fork
+
+    structlog.contextvars.bind_contextvars(worker=worker, pid=os.getpid())
+    loop = asyncio.get_running_loop()
+    async with PricingServer(settings) as server:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

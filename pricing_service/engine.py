@@ -1,0 +1,128 @@
+"""The pricing decision: pure, no I/O, no clock of its own.
+
+For one item: among the rules that are active at ``now`` (validity window ``[start, end)``) and
+whose crowd contains the buyer, the lowest price wins; ties go to the most specific crowd
+(purchased_fans > old_fans > all_fans), then to the smallest rule id. A rule price that is not
+below the list price is not applied.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from pricing_service.domain import Crowd, Money, Rule
+from pricing_service.errors import InvalidArgumentError
+
+
+class Outcome(enum.IntEnum):
+    """What happened to a candidate rule (values equal ``pricing.v1.RuleOutcome``)."""
+
+    APPLIED = 1
+    NOT_A_MEMBER = 2
+    NOT_STARTED = 3
+    ENDED = 4
+    ABOVE_LIST_PRICE = 5
+    OUTBID = 6
+    MEMBERSHIP_UNKNOWN = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    rule: Rule
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The price of one item for one buyer."""
+
+    price: Money | None
+    rule: Rule | None
+    evaluations: tuple[Evaluation, ...] = ()
+
+    @property
+    def discounted(self) -> bool:
+        return self.rule is not None
+
+
+def preference(rule: Rule) -> tuple[int, int, str]:
+    """Sort key of applicable rules: lowest price, then most specific crowd, then rule id."""
+    return (rule.price.amount_minor, -rule.kind.specificity, rule.rule_id)
+
+
+def crowds_to_check(rule_lists: Iterable[Sequence[Rule]], now_ms: int) -> list[Crowd]:
+    """The distinct crowds of every active rule: what one membership lookup must answer."""
+    seen: dict[Crowd, None] = {}
+    for rules in rule_lists:
+        for r in rules:
+            if (r.start_ms is None or r.start_ms <= now_ms) and (
+                r.end_ms is None or now_ms < r.end_ms
+            ):
+                seen[Crowd(r.seller_id, r.kind)] = None
+    return list(seen)
+
+
+def check_currencies(field: str, list_price: Money | None, rules: Sequence[Rule]) -> None:
+    """A list price in another currency than the item's rules is the caller's error."""
+    if list_price is None:
+        currencies = {r.price.currency for r in rules}
+        if len(currencies) > 1:
+            raise InvalidArgumentError.field(
+                field + ".list_price",
+                f"required: this item's rules use several currencies ({', '.join(sorted(currencies))})",
+                "LIST_PRICE_REQUIRED",
+            )
+        return
+    for r in rules:
+        if r.price.currency != list_price.currency:
+            raise InvalidArgumentError.field(
+                field + ".list_price.currency_code",
+                f"{list_price.currency} does not match the item's price currency {r.price.currency}",
+                "CURRENCY_MISMATCH",
+            )
+
+
+def decide(
+    list_price: Money | None,
+    rules: Sequence[Rule],
+    members: frozenset[Crowd] | None,
+    now_ms: int,
+    *,
+    explain: bool = False,
+) -> Decision:
+    """Price one item. ``members`` is ``None`` when membership is unknown (degraded answer).
+
+    Currencies must have been checked with :func:`check_currencies`.
+    """
+    if not rules:
+        return Decision(list_price, None)
+    best: Rule | None = None
+    best_key: tuple[int, int, str] | None = None
+    outcomes: list[tuple[Rule, Outcome]] | None = [] if explain else None
+    limit = list_price.amount_minor if list_price is not None else None
+    for r in rules:
+        if r.start_ms is not None and now_ms < r.start_ms:
+            outcome = Outcome.NOT_STARTED
+        elif r.end_ms is not None and now_ms >= r.end_ms:
+            outcome = Outcome.ENDED
+        elif members is None:
+            outcome = Outcome.MEMBERSHIP_UNKNOWN
+        elif Crowd(r.seller_id, r.kind) not in members:
+            outcome = Outcome.NOT_A_MEMBER
+        elif limit is not None and r.price.amount_minor >= limit:
+            outcome = Outcome.ABOVE_LIST_PRICE
+        else:
+            key = preference(r)
+            if best_key is None or key < best_key:
+                best, best_key = r, key
+            outcome = Outcome.OUTBID  # corrected below for the winner
+        if outcomes is not None:
+            outcomes.append((r, outcome))
+    evaluations: tuple[Evaluation, ...] = ()
+    if outcomes is not None:
+        evaluations = tuple(Evaluation(r, Outcome.APPLIED if r is best else o) for r, o in outcomes)
+    if best is None:
+        return Decision(list_price, None, evaluations)
+    return Decision(best.price, best, evaluations)

@@ -1,0 +1,246 @@
+"""The serving path: BatchGetLowestPrice (eventual, available) and CheckDiscountStrict (strict).
+
+Orchestrates the rule index, the membership store, the circuit breaker and the clock around the
+pure engine. No proto here: servicers convert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from pricing_service.breaker import CircuitBreaker
+from pricing_service.domain import Clock, Crowd, Money, Rule
+from pricing_service.engine import Decision, check_currencies, crowds_to_check, decide, preference
+from pricing_service.errors import DeadlineExceededError, UnavailableError
+from pricing_service.membership.store import MembershipStore
+from pricing_service.metrics import Metrics
+
+log = structlog.get_logger("pricing_service.pricing")
+
+
+class RuleSource(Protocol):
+    """The in-process rule index (hot path: no I/O)."""
+
+    @property
+    def revision(self) -> int: ...
+
+    def rules_for(self, item_id: str) -> Sequence[Rule]: ...
+
+
+class StrictRuleSource(Protocol):
+    """The rule store itself (CheckDiscountStrict reads it directly)."""
+
+    async def rules_for_item(self, item_id: str) -> tuple[list[Rule], int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PriceQuery:
+    item_id: str
+    list_price: Money | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    decisions: list[Decision]
+    degraded: bool
+    rule_revision: int
+
+
+class Verdict:
+    """Values equal ``pricing.v1.Verdict``."""
+
+    ELIGIBLE = 1
+    NOT_IN_CROWD = 2
+    NO_RULE = 3
+    RULE_NOT_ACTIVE = 4
+    PRICE_MISMATCH = 5
+
+
+@dataclass(frozen=True, slots=True)
+class StrictResult:
+    verdict: int
+    price: Money | None
+    rule: Rule | None
+    membership_as_of_ms: int
+    rule_revision: int
+
+    @property
+    def eligible(self) -> bool:
+        return self.verdict == Verdict.ELIGIBLE
+
+
+class PricingCore:
+    """Both read paths, wired to their dependencies."""
+
+    def __init__(
+        self,
+        index: RuleSource,
+        rules: StrictRuleSource,
+        membership: MembershipStore,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        membership_budget_ms: int,
+        strict_max_lag_ms: int,
+        breaker: CircuitBreaker,
+        primary: aioredis.Redis | None = None,
+    ) -> None:
+        self.index = index
+        self.rules = rules
+        self.membership = membership
+        self.clock = clock
+        self.metrics = metrics
+        self.budget_s = membership_budget_ms / 1000
+        self.strict_max_lag_ms = strict_max_lag_ms
+        self.breaker = breaker
+        self.primary = primary or membership.redis
+        self._rtt = metrics.redis_rtt.labels("batch_lookup")
+        self._outage_logged = False
+
+    # --- BatchGetLowestPrice ------------------------------------------------------------------
+    async def batch(
+        self,
+        user_id: str,
+        queries: Sequence[PriceQuery],
+        *,
+        explain: bool,
+        time_remaining_s: float | None,
+    ) -> BatchResult:
+        index = self.index
+        revision = index.revision
+        now = self.clock.now_ms()
+        rule_lists = [index.rules_for(q.item_id) for q in queries]
+        for i, (q, rules) in enumerate(zip(queries, rule_lists, strict=True)):
+            if rules:
+                check_currencies(f"items[{i}]", q.list_price, rules)
+        members: frozenset[Crowd] | None = frozenset()
+        degraded = False
+        if user_id:
+            crowds = crowds_to_check(rule_lists, now)
+            if crowds:
+                members = await self._lookup(user_id, crowds, time_remaining_s)
+                degraded = members is None
+        decisions = [
+            decide(q.list_price, rules, members, now, explain=explain)
+            for q, rules in zip(queries, rule_lists, strict=True)
+        ]
+        return BatchResult(decisions, degraded, revision)
+
+    async def _lookup(
+        self, user_id: str, crowds: list[Crowd], time_remaining_s: float | None
+    ) -> frozenset[Crowd] | None:
+        """One membership round trip within budget; ``None`` means degrade to list prices."""
+        if not self.breaker.allow():
+            self.metrics.degraded_answers.labels("breaker_open").inc()
+            return None
+        budget = self.budget_s
+        if time_remaining_s is not None:
+            # keep a little of the caller's deadline to build and send the answer
+            budget = min(budget, max(time_remaining_s * 0.8 - 0.001, 0.0))
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                members = await self.membership.member_crowds(user_id, crowds)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.breaker.failure()
+            cause = "timeout" if isinstance(exc, TimeoutError) else "redis_error"
+            self.metrics.degraded_answers.labels(cause).inc()
+            if not self._outage_logged:
+                self._outage_logged = True
+                log.warning("membership_degraded", cause=cause, error=repr(exc))
+            return None
+        self._rtt.observe(time.perf_counter() - start)
+        self.breaker.success()
+        if self._outage_logged:
+            self._outage_logged = False
+            log.info("membership_recovered")
+        return members
+
+    # --- CheckDiscountStrict ------------------------------------------------------------------
+    async def strict(
+        self,
+        user_id: str,
+        item_id: str,
+        expected_price: Money | None,
+        rule_id: str,
+        *,
+        time_remaining_s: float | None,
+    ) -> StrictResult:
+        rules, revision = await self.rules.rules_for_item(item_id)
+        if rule_id and not any(r.rule_id == rule_id for r in rules):
+            return StrictResult(Verdict.NO_RULE, None, None, 0, revision)
+        if not rules:
+            return StrictResult(Verdict.NO_RULE, None, None, 0, revision)
+        now = self.clock.now_ms()
+        active = [r for r in rules if r.active(now)]
+        wanted = next((r for r in rules if r.rule_id == rule_id), None) if rule_id else None
+        if not active or (wanted is not None and not wanted.active(now)):
+            return StrictResult(Verdict.RULE_NOT_ACTIVE, None, wanted, 0, revision)
+        as_of, members = await self._strict_membership(user_id, active, time_remaining_s)
+        applicable = [r for r in active if r.crowd in members]
+        if expected_price is not None:
+            applicable = [r for r in applicable if r.price.currency == expected_price.currency] or (
+                applicable
+            )
+        if not applicable or (wanted is not None and wanted.crowd not in members):
+            return StrictResult(Verdict.NOT_IN_CROWD, None, wanted, as_of, revision)
+        best = min(applicable, key=preference)
+        if (wanted is not None and best.rule_id != wanted.rule_id) or (
+            expected_price is not None and expected_price != best.price
+        ):
+            return StrictResult(Verdict.PRICE_MISMATCH, best.price, best, as_of, revision)
+        return StrictResult(Verdict.ELIGIBLE, best.price, best, as_of, revision)
+
+    async def _strict_membership(
+        self, user_id: str, active: list[Rule], time_remaining_s: float | None
+    ) -> tuple[int, frozenset[Crowd]]:
+        """Watermark first, then membership, both from the primary: fail closed."""
+        crowds = list(dict.fromkeys(r.crowd for r in active))
+        timeout = time_remaining_s if time_remaining_s is not None else 5.0
+        if timeout <= 0:
+            raise DeadlineExceededError("deadline expired before membership could be read")
+        try:
+            async with asyncio.timeout(timeout):
+                pipe = self.primary.pipeline(transaction=False)
+                pipe.time()
+                pipe.get(self.membership.layout.watermark_key)
+                (secs, micros), raw_wm = await pipe.execute()
+                members = await self.membership.member_crowds(user_id, crowds, redis=self.primary)
+        except TimeoutError:
+            self.metrics.strict_refusals.labels("REDIS_TIMEOUT").inc()
+            raise UnavailableError(
+                "membership could not be read from Redis in time; not granting an unproven discount",
+                reason="REDIS_TIMEOUT",
+            ) from None
+        except (RedisError, OSError) as exc:
+            self.metrics.strict_refusals.labels("REDIS_UNAVAILABLE").inc()
+            raise UnavailableError(
+                f"Redis is unavailable ({type(exc).__name__}); not granting an unproven discount",
+                reason="REDIS_UNAVAILABLE",
+            ) from None
+        redis_now_ms = int(secs) * 1000 + int(micros) // 1000
+        if raw_wm is None:
+            self.metrics.strict_refusals.labels("SYNC_WATERMARK_MISSING").inc()
+            raise UnavailableError(
+                "the sync worker has published no watermark: membership freshness is unproven",
+                reason="SYNC_WATERMARK_MISSING",
+            )
+        watermark = int(raw_wm)
+        lag = redis_now_ms - watermark
+        if lag > self.strict_max_lag_ms:
+            self.metrics.strict_refusals.labels("SYNC_LAGGING").inc()
+            raise UnavailableError(
+                f"the sync worker is {lag} ms behind (limit {self.strict_max_lag_ms} ms): "
+                "recent relation events may not be applied",
+                reason="SYNC_LAGGING",
+                metadata={"lag_ms": str(lag), "max_lag_ms": str(self.strict_max_lag_ms)},
+            )
+        return watermark, members

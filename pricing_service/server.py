@@ -1,0 +1,222 @@
+"""Server lifecycle.
+
+An ``AsyncExitStack`` opens the clients (Redis, rule store), loads the rule index, then the gRPC
+server starts, then health says SERVING. On shutdown: health NOT_SERVING, ``server.stop(grace)``
+drains in-flight calls, then everything closes in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from redis.exceptions import RedisError
+
+from pricing.v1 import admin_pb2, admin_pb2_grpc, pricing_pb2, pricing_pb2_grpc
+from pricing_service.breaker import CircuitBreaker
+from pricing_service.config import Settings
+from pricing_service.domain import Clock, SystemClock
+from pricing_service.interceptors import ServerInterceptor
+from pricing_service.membership.layout import MembershipLayout
+from pricing_service.membership.store import MembershipStore
+from pricing_service.metrics import Metrics
+from pricing_service.pricing import PricingCore
+from pricing_service.redis_client import make_redis
+from pricing_service.rules.index import RuleIndex
+from pricing_service.rules.store import open_rule_store
+from pricing_service.servicers.admin import DiscountAdminServicer
+from pricing_service.servicers.pricing import PricingServicer
+
+log = structlog.get_logger("pricing_service.server")
+
+SERVICE_NAMES = (
+    pricing_pb2.DESCRIPTOR.services_by_name["PricingService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["DiscountAdminService"].full_name,
+)
+HEALTH_INTERVAL_S = 1.0
+
+
+class PricingServer:
+    """The pricing process: ``async with PricingServer(settings) as s: await s.run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = metrics or Metrics()
+        self._metrics_port = settings.metrics_port if metrics_port is None else metrics_port
+        self._stack = AsyncExitStack()
+        self._stop = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self.health = HealthServicer()
+        self.port = 0
+        self.index: RuleIndex | None = None
+        self.core: PricingCore | None = None
+        self._serving: bool | None = None
+        self._shutting_down = False
+
+    async def __aenter__(self) -> PricingServer:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def _start(self) -> None:
+        s = self.settings
+        stack = self._stack
+        redis = make_redis(s)
+        stack.push_async_callback(redis.aclose)
+        store = await open_rule_store(s)
+        stack.push_async_callback(store.close)
+        self.index = index = RuleIndex(store, s, self.clock, self.metrics)
+        await stack.enter_async_context(index)
+        layout = MembershipLayout(s.redis_namespace)
+        membership = MembershipStore(redis, layout, self.clock, self.metrics)
+        with contextlib.suppress(RedisError, OSError):
+            await membership.load_script()  # readers do not need it; a write-capable warm-up
+
+        def breaker_changed(is_open: bool) -> None:
+            self.metrics.breaker_state.set(1 if is_open else 0)
+            log.warning("redis_breaker_opened" if is_open else "redis_breaker_closed")
+
+        breaker = CircuitBreaker(
+            s.breaker_failure_threshold, s.breaker_reset_ms / 1000, on_change=breaker_changed
+        )
+        self.core = core = PricingCore(
+            index,
+            store,
+            membership,
+            self.clock,
+            self.metrics,
+            membership_budget_ms=s.membership_budget_ms,
+            strict_max_lag_ms=s.strict_max_lag_ms,
+            breaker=breaker,
+        )
+        if self._metrics_port:
+            httpd, _thread = start_http_server(
+                self._metrics_port,
+                addr="127.0.0.1" if s.listen.startswith("127.") else "0.0.0.0",
+                registry=self.metrics.registry,
+            )
+            stack.callback(httpd.shutdown)
+
+        interceptor = ServerInterceptor(self.metrics, max_concurrent_rpcs=s.max_concurrent_rpcs)
+        server = grpc.aio.server(
+            interceptors=[interceptor],
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 1),
+            ],
+        )
+        pricing_pb2_grpc.add_PricingServiceServicer_to_server(
+            PricingServicer(
+                core,
+                max_batch_items=s.max_batch_items,
+                max_id_length=s.max_id_length,
+                read_tokens=s.read_tokens(),
+            ),
+            server,
+        )
+        admin_pb2_grpc.add_DiscountAdminServiceServicer_to_server(
+            DiscountAdminServicer(store, s, self.clock), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        self.port = server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.listen}")
+        await server.start()
+        self._server = server
+        await self._update_health()
+        monitor = asyncio.create_task(self._health_loop(redis), name="health-monitor")
+        stack.push_async_callback(_cancel, monitor)
+        log.info("server_started", listen=s.listen, port=self.port, rule_revision=index.revision)
+
+    async def _update_health(self, redis_ok: bool = True) -> None:
+        index = self.index
+        ok = bool(index is not None and index.loaded and redis_ok) and not self._shutting_down
+        if ok == self._serving:
+            return
+        self._serving = ok
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+        log.info("health_changed", serving=ok)
+
+    async def _health_loop(self, redis: object) -> None:
+        from redis.asyncio import Redis  # noqa: PLC0415
+
+        assert isinstance(redis, Redis)
+        while True:
+            try:
+                async with asyncio.timeout(0.5):
+                    await redis.ping()
+                ok = True
+            except (TimeoutError, RedisError, OSError):
+                ok = False
+            await self._update_health(ok)
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def run(self) -> None:
+        """Serve until :meth:`shutdown` (or :meth:`request_stop`) is called."""
+        await self._stop.wait()
+        await self.shutdown()
+
+    def request_stop(self) -> None:
+        """Signal-handler safe: ask :meth:`run` to shut down."""
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING, drain in-flight RPCs within the grace period, close in reverse."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        self._stop.set()
+        log.info("server_stopping", grace_s=self.settings.grace_period_s)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_period_s)
+        await self._stack.aclose()
+        log.info("server_stopped")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,53 @@
+"""Proto <-> domain conversions shared by the servicers, with request validation."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pricing.v1 import common_pb2
+from pricing_service.currency import MAX_AMOUNT_MINOR, is_known
+from pricing_service.domain import Money
+from pricing_service.errors import InvalidArgumentError
+
+
+def require_id(value: str, field: str, max_len: int) -> str:
+    """A non-empty, bounded id without control characters."""
+    if not value:
+        raise InvalidArgumentError.field(field, "must not be empty", "MISSING_ID")
+    if len(value) > max_len:
+        raise InvalidArgumentError.field(field, f"longer than {max_len} characters", "ID_TOO_LONG")
+    if not value.isprintable():
+        raise InvalidArgumentError.field(field, "must not contain control characters", "INVALID_ID")
+    return value
+
+
+def money_from_proto(m: common_pb2.Money, field: str, *, allow_zero: bool) -> Money:
+    code = m.currency_code
+    if not is_known(code):
+        raise InvalidArgumentError.field(
+            field + ".currency_code",
+            f"{code!r} is not an ISO-4217 currency code" if code else "must not be empty",
+            "UNKNOWN_CURRENCY",
+        )
+    amount = m.amount_minor
+    if amount < 0 or (amount == 0 and not allow_zero):
+        raise InvalidArgumentError.field(
+            field + ".amount_minor",
+            f"must be {'>= 0' if allow_zero else '> 0'}, got {amount}",
+            "NEGATIVE_PRICE" if amount < 0 else "ZERO_PRICE",
+        )
+    if amount > MAX_AMOUNT_MINOR:
+        raise InvalidArgumentError.field(
+            field + ".amount_minor", f"must be at most {MAX_AMOUNT_MINOR}", "PRICE_TOO_LARGE"
+        )
+    return Money(code, amount)
+
+
+def money_to_proto(m: Money, out: common_pb2.Money) -> None:
+    out.currency_code = m.currency
+    out.amount_minor = m.amount_minor
+
+
+def ms_to_timestamp(ms: int, out: Timestamp) -> None:
+    out.seconds, millis = divmod(ms, 1000)
+    out.nanos = millis * 1_000_000

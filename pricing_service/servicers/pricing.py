@@ -1,0 +1,123 @@
+"""PricingService servicer: converts proto <-> domain around :class:`PricingCore`."""
+
+from __future__ import annotations
+
+import grpc
+
+from pricing.v1 import pricing_pb2, pricing_pb2_grpc
+from pricing_service.auth import check_bearer
+from pricing_service.errors import InvalidArgumentError
+from pricing_service.pricing import PriceQuery, PricingCore
+from pricing_service.servicers.convert import (
+    money_from_proto,
+    money_to_proto,
+    ms_to_timestamp,
+    require_id,
+)
+
+
+class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
+    def __init__(
+        self,
+        core: PricingCore,
+        *,
+        max_batch_items: int,
+        max_id_length: int,
+        read_tokens: frozenset[str] = frozenset(),
+    ) -> None:
+        self.core = core
+        self.max_items = max_batch_items
+        self.max_id = max_id_length
+        self.read_tokens = read_tokens
+
+    async def BatchGetLowestPrice(
+        self,
+        request: pricing_pb2.BatchGetLowestPriceRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pricing_pb2.BatchGetLowestPriceResponse:
+        if self.read_tokens:
+            check_bearer(context.invocation_metadata(), self.read_tokens)
+        max_id = self.max_id
+        user_id = request.user_id
+        if len(user_id) > max_id:
+            raise InvalidArgumentError.field(
+                "user_id", f"longer than {max_id} characters", "ID_TOO_LONG"
+            )
+        items = request.items
+        n = len(items)
+        if n == 0:
+            raise InvalidArgumentError.field("items", "must not be empty", "EMPTY_BATCH")
+        if n > self.max_items:
+            raise InvalidArgumentError.field(
+                "items", f"{n} items exceed the limit of {self.max_items}", "BATCH_TOO_LARGE"
+            )
+        queries = []
+        for i, q in enumerate(items):
+            item_id = q.item_id
+            if not item_id or len(item_id) > max_id:
+                require_id(item_id, f"items[{i}].item_id", max_id)
+            list_price = (
+                money_from_proto(q.list_price, f"items[{i}].list_price", allow_zero=True)
+                if q.HasField("list_price")
+                else None
+            )
+            queries.append(PriceQuery(item_id, list_price))
+        result = await self.core.batch(
+            user_id, queries, explain=request.explain, time_remaining_s=context.time_remaining()
+        )
+        response = pricing_pb2.BatchGetLowestPriceResponse(
+            degraded=result.degraded, rule_revision=result.rule_revision
+        )
+        prices = response.prices
+        for q, d in zip(queries, result.decisions, strict=True):
+            out = prices.add(item_id=q.item_id)
+            if d.price is not None:
+                money_to_proto(d.price, out.price)
+            rule = d.rule
+            if rule is not None:
+                out.discounted = True
+                out.rule_id = rule.rule_id
+                out.crowd = int(rule.kind)  # type: ignore[assignment]
+                out.seller_id = rule.seller_id
+            for ev in d.evaluations:
+                e = out.evaluations.add(
+                    rule_id=ev.rule.rule_id,
+                    seller_id=ev.rule.seller_id,
+                    crowd=int(ev.rule.kind),
+                    outcome=int(ev.outcome),
+                )
+                money_to_proto(ev.rule.price, e.price)
+        return response
+
+    async def CheckDiscountStrict(
+        self,
+        request: pricing_pb2.CheckDiscountStrictRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pricing_pb2.CheckDiscountStrictResponse:
+        if self.read_tokens:
+            check_bearer(context.invocation_metadata(), self.read_tokens)
+        user_id = require_id(request.user_id, "user_id", self.max_id)
+        item_id = require_id(request.item_id, "item_id", self.max_id)
+        if request.rule_id:
+            require_id(request.rule_id, "rule_id", self.max_id)
+        expected = (
+            money_from_proto(request.expected_price, "expected_price", allow_zero=False)
+            if request.HasField("expected_price")
+            else None
+        )
+        result = await self.core.strict(
+            user_id, item_id, expected, request.rule_id, time_remaining_s=context.time_remaining()
+        )
+        response = pricing_pb2.CheckDiscountStrictResponse(
+            eligible=result.eligible,
+            verdict=result.verdict,  # type: ignore[arg-type]
+            rule_revision=result.rule_revision,
+        )
+        if result.price is not None:
+            money_to_proto(result.price, response.price)
+        if result.rule is not None:
+            response.rule_id = result.rule.rule_id
+            response.crowd = int(result.rule.kind)  # type: ignore[assignment]
+        if result.membership_as_of_ms:
+            ms_to_timestamp(result.membership_as_of_ms, response.membership_as_of)
+        return response
