@@ -1,0 +1,182 @@
+"""The pricing decision against a brute-force reference, over generated cases."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pricing_service.domain import Crowd, CrowdKind, Money, Rule
+from pricing_service.engine import (
+    Outcome,
+    check_currencies,
+    crowds_to_check,
+    decide,
+)
+from pricing_service.errors import InvalidArgumentError
+
+NOW = 1_800_000_000_000
+SPECIFIC = {CrowdKind.ALL_FANS: 0, CrowdKind.OLD_FANS: 1, CrowdKind.PURCHASED_FANS: 2}
+
+
+def rule(
+    rid: str,
+    kind: CrowdKind,
+    amount: int,
+    *,
+    seller: str = "42",
+    start: int | None = None,
+    end: int | None = None,
+    currency: str = "CNY",
+) -> Rule:
+    return Rule(rid, seller, "item", kind, Money(currency, amount), start, end)
+
+
+windows = st.sampled_from(
+    [(None, None), (NOW - 10, None), (NOW + 1, None), (None, NOW), (None, NOW + 1),
+     (NOW - 5, NOW + 5), (NOW, NOW + 1), (NOW - 1, NOW)]
+)  # fmt: skip
+
+
+@st.composite
+def rule_sets(draw: st.DrawFn) -> list[Rule]:
+    n = draw(st.integers(0, 6))
+    out = []
+    for i in range(n):
+        start, end = draw(windows)
+        out.append(
+            rule(
+                f"r{draw(st.integers(0, 9))}{i}",
+                draw(st.sampled_from(list(CrowdKind))),
+                draw(st.integers(1, 30)),
+                seller=draw(st.sampled_from(["42", "7"])),
+                start=start,
+                end=end,
+            )
+        )
+    return out
+
+
+def reference(
+    list_price: Money | None, rules: list[Rule], members: frozenset[Crowd]
+) -> tuple[Money | None, Rule | None]:
+    """Brute force: try every rule, keep the best by the documented order."""
+    applicable = []
+    for r in rules:
+        active = (r.start_ms is None or r.start_ms <= NOW) and (r.end_ms is None or r.end_ms > NOW)
+        member = Crowd(r.seller_id, r.kind) in members
+        below = list_price is None or r.price.amount_minor < list_price.amount_minor
+        if active and member and below:
+            applicable.append(r)
+    if not applicable:
+        return list_price, None
+    lowest = min(r.price.amount_minor for r in applicable)
+    cands = [r for r in applicable if r.price.amount_minor == lowest]
+    top = max(SPECIFIC[r.kind] for r in cands)
+    cands = [r for r in cands if SPECIFIC[r.kind] == top]
+    best = sorted(cands, key=lambda r: r.rule_id)[0]
+    return best.price, best
+
+
+all_crowds = [Crowd(s, k) for s, k in itertools.product(["42", "7"], CrowdKind)]
+
+
+@settings(max_examples=400)
+@given(
+    rules=rule_sets(),
+    members=st.frozensets(st.sampled_from(all_crowds)),
+    list_amount=st.none() | st.integers(0, 35),
+    explain=st.booleans(),
+)
+def test_decision_equals_brute_force(
+    rules: list[Rule], members: frozenset[Crowd], list_amount: int | None, explain: bool
+) -> None:
+    list_price = None if list_amount is None else Money("CNY", list_amount)
+    d = decide(list_price, rules, members, NOW, explain=explain)
+    want_price, want_rule = reference(list_price, rules, members)
+    assert d.price == want_price
+    assert d.rule == want_rule
+    assert d.discounted == (want_rule is not None)
+    if explain:
+        assert [e.rule for e in d.evaluations] == rules
+        applied = [e for e in d.evaluations if e.outcome is Outcome.APPLIED]
+        assert [e.rule for e in applied] == ([want_rule] if want_rule else [])
+        for e in d.evaluations:
+            r = e.rule
+            if r.start_ms is not None and r.start_ms > NOW:
+                assert e.outcome is Outcome.NOT_STARTED
+            elif r.end_ms is not None and r.end_ms <= NOW:
+                assert e.outcome is Outcome.ENDED
+            elif Crowd(r.seller_id, r.kind) not in members:
+                assert e.outcome is Outcome.NOT_A_MEMBER
+            elif list_price is not None and r.price.amount_minor >= list_price.amount_minor:
+                assert e.outcome is Outcome.ABOVE_LIST_PRICE
+            elif r is not want_rule:
+                assert e.outcome is Outcome.OUTBID
+    else:
+        assert d.evaluations == ()
+
+
+@given(rules=rule_sets())
+def test_unknown_membership_gives_list_price(rules: list[Rule]) -> None:
+    d = decide(Money("CNY", 20), rules, None, NOW, explain=True)
+    assert d.price == Money("CNY", 20)
+    assert d.rule is None
+    assert all(
+        e.outcome in (Outcome.NOT_STARTED, Outcome.ENDED, Outcome.MEMBERSHIP_UNKNOWN)
+        for e in d.evaluations
+    )
+
+
+def test_tie_prefers_most_specific_crowd_then_rule_id() -> None:
+    members = frozenset(all_crowds)
+    rules = [
+        rule("b", CrowdKind.ALL_FANS, 10),
+        rule("c", CrowdKind.PURCHASED_FANS, 10),
+        rule("a", CrowdKind.PURCHASED_FANS, 10),
+        rule("z", CrowdKind.OLD_FANS, 10),
+    ]
+    assert decide(None, rules, members, NOW).rule == rules[2]
+
+
+def test_price_equal_to_list_is_not_a_discount() -> None:
+    members = frozenset(all_crowds)
+    d = decide(Money("CNY", 10), [rule("a", CrowdKind.ALL_FANS, 10)], members, NOW, explain=True)
+    assert not d.discounted
+    assert d.evaluations[0].outcome is Outcome.ABOVE_LIST_PRICE
+
+
+def test_window_is_half_open() -> None:
+    members = frozenset(all_crowds)
+    assert decide(None, [rule("a", CrowdKind.ALL_FANS, 5, start=NOW)], members, NOW).discounted
+    assert not decide(None, [rule("a", CrowdKind.ALL_FANS, 5, end=NOW)], members, NOW).discounted
+
+
+def test_crowds_to_check_only_active_rules_deduplicated() -> None:
+    rules = [
+        rule("a", CrowdKind.ALL_FANS, 5),
+        rule("b", CrowdKind.ALL_FANS, 6),
+        rule("c", CrowdKind.OLD_FANS, 5, start=NOW + 1),
+        rule("d", CrowdKind.PURCHASED_FANS, 5, seller="7"),
+    ]
+    assert crowds_to_check([rules[:2], rules[2:]], NOW) == [
+        Crowd("42", CrowdKind.ALL_FANS),
+        Crowd("7", CrowdKind.PURCHASED_FANS),
+    ]
+
+
+def test_currency_mismatch_names_the_field() -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        check_currencies("items[3]", Money("USD", 100), [rule("a", CrowdKind.ALL_FANS, 5)])
+    assert err.value.reason == "CURRENCY_MISMATCH"
+    assert err.value.violations[0].field == "items[3].list_price.currency_code"
+
+
+def test_mixed_currency_rules_need_a_list_price() -> None:
+    rules = [rule("a", CrowdKind.ALL_FANS, 5), rule("b", CrowdKind.OLD_FANS, 5, currency="USD")]
+    with pytest.raises(InvalidArgumentError) as err:
+        check_currencies("items[0]", None, rules)
+    assert err.value.reason == "LIST_PRICE_REQUIRED"
+    check_currencies("items[0]", None, rules[:1])  # one currency: fine
