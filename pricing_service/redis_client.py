@@ -16,6 +16,14 @@ def make_redis(
     redis-py 8 defaults to 5 s, which breaks long blocking reads.
     """
     timeout = (socket_timeout_ms or settings.redis_socket_timeout_ms) / 1000
+    tls: dict[str, object] = {}
+    if settings.redis_url.startswith("rediss://"):
+        tls = {
+            "ssl_ca_certs": settings.redis_tls_ca_file,
+            "ssl_certfile": settings.redis_tls_cert_file,
+            "ssl_keyfile": settings.redis_tls_key_file,
+        }
+        tls = {k: v for k, v in tls.items() if v is not None}
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=max_connections or settings.redis_max_connections,
@@ -23,5 +31,6 @@ def make_redis(
         socket_timeout=timeout,
         socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
         health_check_interval=30,
+        **tls,  # type: ignore[arg-type]
     )
     return aioredis.Redis(connection_pool=pool)

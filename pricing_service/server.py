@@ -154,7 +154,11 @@ class PricingServer:
             ),
             server,
         )
-        self.port = server.add_insecure_port(s.listen)
+        self.port = (
+            server.add_secure_port(s.listen, server_credentials(s))
+            if s.tls_cert_file
+            else server.add_insecure_port(s.listen)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {s.listen}")
         await server.start()
@@ -214,6 +218,22 @@ class PricingServer:
             await self._server.stop(self.settings.grace_period_s)
         await self._stack.aclose()
         log.info("server_stopped")
+
+
+def server_credentials(s: Settings) -> grpc.ServerCredentials:
+    """TLS from PEM files; with a client CA, clients must present a certificate (mTLS)."""
+    assert s.tls_cert_file is not None and s.tls_key_file is not None
+    with open(s.tls_key_file, "rb") as f:
+        key = f.read()
+    with open(s.tls_cert_file, "rb") as f:
+        cert = f.read()
+    ca = None
+    if s.tls_client_ca_file:
+        with open(s.tls_client_ca_file, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
