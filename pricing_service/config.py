@@ -6,6 +6,7 @@ Invalid configuration fails at start-up with a :class:`ConfigError` naming the v
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -38,10 +39,22 @@ class Settings(BaseSettings):
     redis_socket_timeout_ms: int = Field(2000, ge=10, description="Redis socket read timeout")
     redis_connect_timeout_ms: int = Field(1000, ge=10, description="Redis connect timeout")
     redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size")
+    redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss://")
+    redis_tls_cert_file: str | None = Field(None, description="Client certificate for rediss://")
+    redis_tls_key_file: str | None = Field(None, description="Client key for rediss://")
     rule_store_url: str = Field(
         "sqlite:///./pricing.db", description="Rule store: sqlite:///path or postgresql://..."
     )
     rule_store_pool_size: int = Field(8, ge=1, description="PostgreSQL pool size")
+    rule_store_busy_timeout_ms: int = Field(
+        5000, ge=0, description="SQLite busy timeout / PostgreSQL lock wait for rule writes"
+    )
+    max_rules_per_item: int = Field(
+        3, ge=1, description="Rules one item may carry (one per crowd kind at most)"
+    )
+    max_rule_batch: int = Field(
+        1000, ge=1, le=100_000, description="Rules per BatchUpsertDiscountRules call"
+    )
 
     # --- server ---------------------------------------------------------------------------
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port")
@@ -51,6 +64,14 @@ class Settings(BaseSettings):
     )
     read_token: SecretStr | None = Field(
         None, description="Bearer token(s) required by PricingService (unset = open)"
+    )
+    tls_cert_file: str | None = Field(
+        None, description="PEM server certificate: serve gRPC over TLS"
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of the server certificate")
+    tls_client_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)",
     )
     workers: int = Field(1, ge=1, le=256, description="Server processes sharing the port")
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM drain time for in-flight RPCs")
@@ -127,6 +148,25 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
         return v
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("PRICING_TLS_CERT_FILE and PRICING_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("PRICING_TLS_CLIENT_CA_FILE needs PRICING_TLS_CERT_FILE (mTLS is TLS)")
+        for name in (
+            "tls_cert_file",
+            "tls_key_file",
+            "tls_client_ca_file",
+            "redis_tls_ca_file",
+            "redis_tls_cert_file",
+            "redis_tls_key_file",
+        ):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: no such file: {path}")
+        return self
 
     @model_validator(mode="after")
     def _tombstones_outlive_snapshots(self) -> Settings:
