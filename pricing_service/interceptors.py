@@ -23,7 +23,12 @@ import structlog
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from pricing_service.errors import DOMAIN, PricingError, ResourceExhaustedError
+from pricing_service.errors import (
+    DOMAIN,
+    InvalidArgumentError,
+    PricingError,
+    ResourceExhaustedError,
+)
 from pricing_service.metrics import Metrics
 
 log = structlog.get_logger("pricing_service.rpc")
@@ -91,7 +96,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # streaming (health Watch, reflection): passed through untouched
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._cache[method] = wrapped
@@ -109,6 +114,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             err: PricingError | None = None
             self._in_flight += 1
             try:
+                if type(request) is _Undecodable:
+                    raise InvalidArgumentError(
+                        "the request body is not a valid protobuf message of this method",
+                        reason="MALFORMED_REQUEST",
+                    )
                 if self._in_flight > self._max:
                     raise ResourceExhaustedError(
                         f"more than {self._max} RPCs in flight; retry with backoff",
@@ -146,6 +156,26 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
 
         return call
+
+
+class _Undecodable:
+    """Stands for a request body that did not parse (answered INVALID_ARGUMENT, not INTERNAL)."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return _UNDECODABLE
+
+    return parse
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
