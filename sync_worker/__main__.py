@@ -1,0 +1,288 @@
+"""``sync-worker``: keep Redis crowd membership in step with snapshots and relation events.
+
+Commands::
+
+    sync-worker load-snapshot DIR [--parts 0,2 | --worker-index I --workers N | --jobs N]
+    sync-worker consume
+    sync-worker publish --type follow --user U --seller S [--at RFC3339] [--event-id ID]
+    sync-worker publish --file events.jsonl
+    sync-worker status
+
+Configuration: ``PRICING_*`` environment variables (:mod:`pricing_service.config`).
+Exit codes: 0 success, 1 failure (refused snapshot, error rate exceeded, Redis unreachable),
+2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from pricing_service.config import Settings, load_settings
+from pricing_service.errors import ConfigError, PricingError
+from pricing_service.logging import configure_logging
+from pricing_service.membership.layout import MembershipLayout
+from pricing_service.redis_client import make_redis
+from sync_worker.common import TimeFormatError, parse_rfc3339_ms
+
+log = structlog.get_logger("sync_worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sync-worker",
+        description="Sync crowd membership in Redis from snapshots and relation events. "
+        "Configuration: PRICING_* environment variables.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    load = sub.add_parser("load-snapshot", help="load a snapshot directory (resumable)")
+    load.add_argument("directory")
+    load.add_argument("--parts", default=None, help="comma-separated part indexes to load")
+    load.add_argument("--worker-index", type=int, default=None, help="load parts i, i+n, ...")
+    load.add_argument("--workers", type=int, default=None, help="n, with --worker-index")
+    load.add_argument("--jobs", type=int, default=1, help="load with N processes")
+    load.add_argument("--batch-rows", type=int, default=None, help="rows per write batch")
+    load.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    sub.add_parser("consume", help="consume relation events from the stream until SIGTERM")
+    pub = sub.add_parser("publish", help="publish relation events to the stream")
+    pub.add_argument("--type", choices=["follow", "unfollow", "purchase"])
+    pub.add_argument("--user")
+    pub.add_argument("--seller")
+    pub.add_argument("--at", default=None, help="RFC 3339 time of the fact (default: now)")
+    pub.add_argument("--event-id", default=None)
+    pub.add_argument("--file", default=None, help="JSON lines: type, user_id, seller_id, ...")
+    sub.add_parser("status", help="watermark, lag, pending entries, dead letters (JSON)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"sync-worker: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        if args.command == "load-snapshot":
+            code = _load_snapshot(settings, args)
+        elif args.command == "consume":
+            code = asyncio.run(_consume(settings))
+        elif args.command == "publish":
+            code = asyncio.run(_publish(settings, args, parser))
+        else:
+            code = asyncio.run(_status(settings))
+    except PricingError as exc:
+        print(f"sync-worker: {exc.reason}: {exc.message}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+# --- load-snapshot ----------------------------------------------------------------------------
+def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
+    from sync_worker.snapshot import Progress  # noqa: PLC0415
+
+    parts: list[int] | None = None
+    if args.parts is not None:
+        try:
+            parts = [int(x) for x in args.parts.split(",") if x.strip()]
+        except ValueError:
+            print("sync-worker: --parts must be comma-separated integers", file=sys.stderr)
+            return 2
+    if args.jobs > 1:
+        if parts is not None or args.worker_index is not None:
+            print("sync-worker: --jobs excludes --parts and --worker-index", file=sys.stderr)
+            return 2
+        from sync_worker.parallel import load_parallel  # noqa: PLC0415
+
+        reports = load_parallel(settings, args.directory, args.jobs, batch_rows=args.batch_rows)
+        merged = _merge_reports(reports)
+        print(json.dumps(merged), flush=True)
+        return 0 if all(r["ok"] for r in reports) else 1
+
+    def bar(total: int) -> Progress:
+        return Progress(total, tty=sys.stderr.isatty() and not args.no_progress)
+
+    report = asyncio.run(
+        _load_one(
+            settings,
+            args.directory,
+            parts=parts,
+            worker_index=args.worker_index,
+            workers=args.workers,
+            batch_rows=args.batch_rows,
+            progress=bar,
+        )
+    )
+    print(json.dumps(report), flush=True)
+    if not report["ok"]:
+        print(f"sync-worker: load stopped: {report['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _load_one(
+    settings: Settings,
+    directory: str,
+    *,
+    parts: list[int] | None = None,
+    worker_index: int | None = None,
+    workers: int | None = None,
+    batch_rows: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    from sync_worker.snapshot import SnapshotLoader  # noqa: PLC0415
+
+    redis = make_redis(settings, socket_timeout_ms=max(settings.redis_socket_timeout_ms, 10_000))
+    try:
+        loader = SnapshotLoader(settings, redis, batch_rows=batch_rows, progress=progress)
+        report = await loader.load(
+            directory, parts=parts, worker_index=worker_index, workers=workers
+        )
+    finally:
+        await redis.aclose()
+    out = report.as_dict()
+    out["ok"] = report.ok
+    log.info("snapshot_load_finished", **out)
+    return out
+
+
+def _merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    rejected: dict[str, int] = {}
+    for r in reports:
+        for k, v in r["rejected"].items():
+            rejected[k] = rejected.get(k, 0) + v
+    duration = max(r["duration_s"] for r in reports)
+    written = sum(r["memberships_written"] for r in reports)
+    rows = sum(r["rows_read"] for r in reports)
+    statuses = sorted({r["status"] for r in reports})
+    return {
+        "snapshot_id": reports[0]["snapshot_id"],
+        "snapshot_time": reports[0]["snapshot_time"],
+        "status": statuses[0] if len(statuses) == 1 else ",".join(statuses),
+        "ok": all(r["ok"] for r in reports),
+        "jobs": len(reports),
+        "rows_total": sum(r["rows_total"] for r in reports),
+        "rows_read": rows,
+        "memberships_written": written,
+        "skipped_stale": sum(r["skipped_stale"] for r in reports),
+        "rejected": rejected,
+        "rejected_total": sum(rejected.values()),
+        "duration_s": duration,
+        "rows_per_s": round(rows / max(duration, 1e-9)),
+        "memberships_per_s": round(written / max(duration, 1e-9)),
+        "message": "; ".join(r["message"] for r in reports if r["message"]),
+    }
+
+
+# --- consume ------------------------------------------------------------------------------------
+async def _consume(settings: Settings) -> int:
+    from sync_worker.consumer import StreamConsumer  # noqa: PLC0415
+
+    async with StreamConsumer(settings) as consumer:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, consumer.shutdown)
+        await consumer.run()
+    return 0
+
+
+# --- publish --------------------------------------------------------------------------------------
+async def _publish(
+    settings: Settings, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> int:
+    from sync_worker.events import EventPublisher, events_from_jsonl, make_event  # noqa: PLC0415
+
+    if args.file:
+        if args.type or args.user or args.seller:
+            parser.error("--file excludes --type/--user/--seller")
+        with open(args.file, encoding="utf-8") as f:  # noqa: ASYNC230
+            events = events_from_jsonl(f)
+    else:
+        if not (args.type and args.user and args.seller):
+            parser.error("publish needs --type, --user and --seller (or --file)")
+        if args.at:
+            try:
+                at = parse_rfc3339_ms(args.at)
+            except TimeFormatError as exc:
+                parser.error(str(exc))
+        else:
+            at = time.time_ns() // 1_000_000
+        events = [make_event(args.type, args.user, args.seller, at, event_id=args.event_id)]
+    redis = make_redis(settings)
+    try:
+        pub = EventPublisher(redis, settings.events_stream, max_id_length=settings.max_id_length)
+        ids = await pub.publish(events)
+    finally:
+        await redis.aclose()
+    print(json.dumps({"published": len(ids), "first_id": ids[0] if ids else None,
+                      "last_id": ids[-1] if ids else None}))  # fmt: skip
+    return 0
+
+
+# --- status -----------------------------------------------------------------------------------------
+async def _status(settings: Settings) -> int:
+    from sync_worker.consumer import WATERMARK_LUA  # noqa: PLC0415
+
+    redis = make_redis(settings)
+    layout = MembershipLayout(settings.redis_namespace)
+    try:
+        raw_w = await redis.get(layout.watermark_key)
+        secs, micros = await redis.time()
+        now = int(secs) * 1000 + int(micros) // 1000
+        w = int(raw_w) if raw_w is not None else None
+        computed = await redis.eval(
+            WATERMARK_LUA, 1, settings.events_stream, settings.consumer_group
+        )
+        length = await redis.xlen(settings.events_stream)
+        dead = await redis.xlen(settings.dead_letter_stream)
+        consumers: list[dict[str, Any]] = []
+        with contextlib.suppress(Exception):
+            for c in await redis.xinfo_consumers(settings.events_stream, settings.consumer_group):
+                consumers.append(
+                    {
+                        "name": _s(c["name"]),
+                        "pending": int(c["pending"]),
+                        "idle_ms": int(c["idle"]),
+                    }
+                )
+    finally:
+        await redis.aclose()
+    print(
+        json.dumps(
+            {
+                "stream": settings.events_stream,
+                "group": settings.consumer_group,
+                "watermark_ms": w,
+                "lag_ms": now - w if w is not None else None,
+                "caught_up": bool(computed[3] == 0 and computed[2] == 0),
+                "pending": int(computed[2]),
+                "stream_length": int(length),
+                "dead_letters": int(dead),
+                "consumers": consumers,
+            }
+        )
+    )
+    return 0
+
+
+def _s(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,745 @@
+"""Offline sync: load a T+1 snapshot of follow relations into crowd membership.
+
+A snapshot is a directory with ``manifest.json``::
+
+    {"snapshot_time": "2025-06-01T00:00:00Z", "files": ["part-0000.csv", ...], "rows": 123}
+
+and part files: CSV with the header ``user_id,seller_id,followed_at,purchase_count``
+(``followed_at`` RFC 3339), or Parquet (``.parquet``, needs the ``parquet`` extra: pyarrow) with
+the same columns (``followed_at`` a timestamp or an RFC 3339 string).
+
+Before anything is written the whole snapshot is validated: the manifest, every part's format
+and header, and a counting pass over every part whose total must equal ``rows`` (Parquet:
+footer metadata). A snapshot whose cut is older than ``snapshot_max_age_s`` (it could resurrect
+relations whose unfollow tombstones have expired) or in the future is refused.
+
+Every write has version = the cut time and expiry = cut + membership TTL (last writer wins, so
+loading a snapshot again, or after a crash, changes nothing). Progress is checkpointed per part
+in the hash ``MembershipLayout.snapshot_checkpoint_key(snapshot_id)`` (field = part file name,
+value = JSON ``{"offset": rows done, "written", "stale", "rejected": {reason: n}}``), written
+after each batch's writes succeeded: a load killed at any moment resumes from the last
+checkpoint and replays at most one batch, harmlessly. Parts can be split between processes
+(``parts=``); each part must be loaded by one process at a time.
+
+Malformed rows are skipped and counted per reason (a few are logged). As soon as the rows
+rejected exceed ``snapshot_max_error_rate`` of the rows to load, the load stops: the final rate
+could only be higher.
+
+Rows are parsed in a reader thread while the previous batch is in Redis, so the Python work and
+the Redis work overlap; memory holds at most a few batches whatever the snapshot size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import csv
+import functools
+import hashlib
+import json
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import redis.asyncio as aioredis
+import structlog
+
+from pricing_service.config import Settings
+from pricing_service.domain import Clock, SystemClock
+from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from pricing_service.membership.derive import MembershipWrite, Ttls, snapshot_row
+from pricing_service.membership.layout import MembershipLayout
+from pricing_service.membership.store import ApplyResult, MembershipStore
+from sync_worker.common import TimeFormatError, format_rfc3339_ms, id_problem, parse_rfc3339_ms
+
+log = structlog.get_logger("sync_worker.snapshot")
+
+MANIFEST: Final = "manifest.json"
+COLUMNS: Final = ("user_id", "seller_id", "followed_at", "purchase_count")
+HEADER: Final = ",".join(COLUMNS)
+#: A ``followed_at`` may be this much later than the cut (clocks of the exporting systems).
+CLOCK_SKEW_MS: Final = 5 * 60 * 1000
+SAMPLES_PER_REASON: Final = 3
+_OUTAGE_ERRORS: Final[tuple[type[BaseException], ...]] = (ConnectionError, OSError)
+
+
+def _redis_outage_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RCE  # noqa: PLC0415
+    from redis.exceptions import TimeoutError as RTE  # noqa: PLC0415
+
+    return (RCE, RTE, *_OUTAGE_ERRORS)
+
+
+OUTAGE_ERRORS: Final = _redis_outage_errors()
+
+
+# --- manifest ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A validated snapshot manifest (part names are plain file names inside ``directory``)."""
+
+    directory: Path
+    snapshot_time_ms: int
+    files: tuple[str, ...]
+    rows: int
+
+    def part_path(self, name: str) -> Path:
+        return self.directory / name
+
+
+def _bad(field_: str, description: str, reason: str) -> InvalidArgumentError:
+    return InvalidArgumentError.field(field_, description, reason)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse and check ``manifest.json`` and that its parts exist (row counts: :func:`count_rows`)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise _bad("snapshot", f"{d} is not a directory", "NOT_A_DIRECTORY")
+    path = d / MANIFEST
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _bad(MANIFEST, f"{path} does not exist", "MISSING_MANIFEST") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(MANIFEST, f"cannot read {path}: {exc}", "BAD_MANIFEST") from None
+    if not isinstance(doc, dict):
+        raise _bad(MANIFEST, "must be a JSON object", "BAD_MANIFEST")
+    st = doc.get("snapshot_time")
+    if not isinstance(st, str):
+        raise _bad("manifest.snapshot_time", "must be an RFC 3339 UTC string", "BAD_SNAPSHOT_TIME")
+    try:
+        cut = parse_rfc3339_ms(st)
+    except TimeFormatError as exc:
+        raise _bad("manifest.snapshot_time", str(exc), "BAD_SNAPSHOT_TIME") from None
+    files = doc.get("files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise _bad("manifest.files", "must be a non-empty list of file names", "BAD_FILES")
+    if len(set(files)) != len(files):
+        raise _bad("manifest.files", "lists a file twice", "DUPLICATE_FILE")
+    for i, name in enumerate(files):
+        if not name or "/" in name or "\\" in name or name in (".", "..") or name == MANIFEST:
+            raise _bad(f"manifest.files[{i}]", f"{name!r} is not a plain file name", "BAD_FILES")
+        if not (d / name).is_file():
+            raise _bad(f"manifest.files[{i}]", f"{d / name} does not exist", "MISSING_PART")
+        if part_format(name) is None:
+            raise _bad(
+                f"manifest.files[{i}]", f"{name!r}: parts must be .csv or .parquet", "BAD_FORMAT"
+            )
+    rows = doc.get("rows")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise _bad("manifest.rows", "must be a non-negative integer", "BAD_ROWS")
+    return Manifest(d, cut, tuple(files), rows)
+
+
+def part_format(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def _csv_rows(f: TextIO, path: Path) -> Iterator[list[str]]:
+    """CSV records after checking the header (refuses the part when it is wrong)."""
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None or [h.strip().lstrip("\ufeff") for h in header] != list(COLUMNS):
+        raise _bad(
+            path.name, f"header must be {HEADER!r}, got {','.join(header or [])!r}", "BAD_HEADER"
+        )
+    return (rec for rec in reader if rec)  # blank lines are not rows
+
+
+def count_rows(path: Path) -> int:
+    """Data rows of one part (CSV: a counting pass; Parquet: footer metadata)."""
+    if part_format(path.name) == "parquet":
+        pq = _pyarrow_parquet()
+        pf = pq.ParquetFile(path)
+        names = set(pf.schema_arrow.names)
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise _bad(path.name, f"missing columns {missing}", "BAD_HEADER")
+        return int(pf.metadata.num_rows)
+    with path.open(newline="", encoding="utf-8") as f:
+        n = 0
+        for _ in _csv_rows(f, path):
+            n += 1
+        return n
+
+
+def _pyarrow_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq  # noqa: PLC0415
+    except ImportError:
+        raise FailedPreconditionError(
+            "Parquet parts need pyarrow: pip install 'crowd-pricing[parquet]'",
+            reason="PARQUET_UNSUPPORTED",
+        ) from None
+    return pq
+
+
+def snapshot_id(manifest: Manifest, counts: Sequence[int]) -> str:
+    """Identity of a snapshot for its checkpoints: cut time, part names and row counts."""
+    text = json.dumps([manifest.snapshot_time_ms, list(manifest.files), list(counts)])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# --- rows ----------------------------------------------------------------------------------------
+class RowParser:
+    """Turns raw rows into membership writes, counting malformed rows by reason."""
+
+    def __init__(self, cut_ms: int, ttls: Ttls, max_id_length: int) -> None:
+        self.cut_ms = cut_ms
+        self.ttls = ttls
+        self.max_id_length = max_id_length
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self.samples: list[dict[str, Any]] = []
+        self._sampled: collections.Counter[str] = collections.Counter()
+        self.ts_cache: dict[str, int] = {}
+
+    def reject(self, reason: str, part: str, row_no: int, raw: object) -> None:
+        self.rejected[reason] += 1
+        if self._sampled[reason] < SAMPLES_PER_REASON:
+            self._sampled[reason] += 1
+            sample = {"reason": reason, "part": part, "row": row_no, "raw": str(raw)[:200]}
+            self.samples.append(sample)
+            log.warning("snapshot_row_rejected", **sample)
+
+    def followed_ms(self, text: str) -> int | None:
+        ms = self.ts_cache.get(text)
+        if ms is None:
+            try:
+                ms = parse_rfc3339_ms(text)
+            except TimeFormatError:
+                return None
+            if len(self.ts_cache) > 100_000:
+                self.ts_cache.clear()
+            self.ts_cache[text] = ms
+        return ms
+
+    def row(
+        self,
+        user: str,
+        seller: str,
+        followed: str | int | None,
+        count: str | int | None,
+        part: str,
+        row_no: int,
+        out: list[MembershipWrite],
+    ) -> None:
+        """Append the row's writes to ``out``, or count it as rejected."""
+        max_len = self.max_id_length
+        if not user or len(user) > max_len or not user.isprintable():
+            self.reject(
+                _id_reason("USER_ID", id_problem(user or "", max_len)), part, row_no, (user, seller)
+            )
+            return
+        if not seller or len(seller) > max_len or not seller.isprintable():
+            self.reject(
+                _id_reason("SELLER_ID", id_problem(seller or "", max_len)),
+                part,
+                row_no,
+                (user, seller),
+            )
+            return
+        if isinstance(followed, int):
+            f_ms: int | None = followed
+        elif followed:
+            f_ms = self.followed_ms(followed)
+        else:
+            f_ms = None
+        if f_ms is None:
+            self.reject("BAD_FOLLOWED_AT", part, row_no, followed)
+            return
+        if f_ms > self.cut_ms + CLOCK_SKEW_MS:
+            self.reject("FOLLOWED_AFTER_CUT", part, row_no, followed)
+            return
+        if isinstance(count, int):
+            n = count
+        elif count is None:
+            self.reject("BAD_PURCHASE_COUNT", part, row_no, count)
+            return
+        else:
+            try:
+                n = int(count)
+            except ValueError:
+                self.reject("BAD_PURCHASE_COUNT", part, row_no, count)
+                return
+        if n < 0:
+            self.reject("NEGATIVE_PURCHASE_COUNT", part, row_no, count)
+            return
+        out.extend(snapshot_row(user, seller, f_ms, n, self.cut_ms, self.ttls))
+
+
+def _id_reason(which: str, problem: str | None) -> str:
+    if problem == "MISSING_ID" or problem is None:
+        return f"MISSING_{which}"
+    return f"{problem.removesuffix('_ID')}_{which}"  # ID_TOO_LONG -> ID_TOO_LONG_USER_ID
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows ``[start, end)`` of one part, parsed."""
+
+    part: str
+    end: int
+    rows: int
+    writes: list[MembershipWrite]
+    rejected: collections.Counter[str]
+
+
+def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
+    name = path.name
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = _csv_rows(f, path)
+        pos = 0
+        for _ in range(start):  # resume: skip the rows already loaded
+            if next(reader, None) is None:
+                break
+            pos += 1
+        writes: list[MembershipWrite] = []
+        n = 0
+        before = parser.rejected.copy()
+        row = parser.row
+        for rec in reader:
+            pos += 1
+            n += 1
+            if len(rec) == 4:
+                row(rec[0], rec[1], rec[2], rec[3], name, pos, writes)
+            else:
+                parser.reject("WRONG_COLUMN_COUNT", name, pos, rec)
+            if n >= batch_rows:
+                yield Batch(name, pos, n, writes, parser.rejected - before)
+                writes, n, before = [], 0, parser.rejected.copy()
+        if n:
+            yield Batch(name, pos, n, writes, parser.rejected - before)
+
+
+def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.compute as pc  # noqa: PLC0415
+
+    pq = _pyarrow_parquet()
+    name = path.name
+    pf = pq.ParquetFile(path)
+    pos = 0
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+        if pos + rb.num_rows <= start:
+            pos += rb.num_rows
+            continue
+        if pos < start:
+            rb = rb.slice(start - pos)  # noqa: PLW2901
+            pos = start
+        users = rb.column("user_id").to_pylist()
+        sellers = rb.column("seller_id").to_pylist()
+        fcol = rb.column("followed_at")
+        if pa.types.is_timestamp(fcol.type):
+            followed: list[Any] = pc.cast(
+                pc.cast(fcol, pa.timestamp("ms", tz="UTC")), pa.int64()
+            ).to_pylist()
+        else:
+            followed = [str(v) if v is not None else None for v in fcol.to_pylist()]
+        counts = rb.column("purchase_count").to_pylist()
+        before = parser.rejected.copy()
+        writes: list[MembershipWrite] = []
+        for i in range(rb.num_rows):
+            c = counts[i]
+            parser.row(
+                str(users[i]) if users[i] is not None else "",
+                str(sellers[i]) if sellers[i] is not None else "",
+                followed[i],
+                c if isinstance(c, int) or c is None else str(c),
+                name,
+                pos + i + 1,
+                writes,
+            )
+        pos += rb.num_rows
+        yield Batch(name, pos, rb.num_rows, writes, parser.rejected - before)
+
+
+def part_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
+    if part_format(path.name) == "parquet":
+        return _parquet_batches(path, start, batch_rows, parser)
+    return _csv_batches(path, start, batch_rows, parser)
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class PartProgress:
+    offset: int = 0
+    written: int = 0
+    stale: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {
+                "offset": self.offset,
+                "written": self.written,
+                "stale": self.stale,
+                "rejected": dict(self.rejected),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str | None) -> PartProgress:
+        if raw is None:
+            return cls()
+        try:
+            d = json.loads(raw)
+            return cls(
+                int(d["offset"]),
+                int(d.get("written", 0)),
+                int(d.get("stale", 0)),
+                collections.Counter({str(k): int(v) for k, v in d.get("rejected", {}).items()}),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("snapshot_checkpoint_unreadable", raw=str(raw)[:200])
+            return cls()
+
+
+# --- report -----------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class LoadReport:
+    """What one run of the loader did."""
+
+    snapshot_id: str
+    snapshot_time: str
+    status: str = "loaded"  # loaded | already_loaded | error_rate_exceeded | nothing_to_do
+    parts: list[str] = field(default_factory=list)
+    parts_skipped_done: list[str] = field(default_factory=list)
+    rows_total: int = 0
+    rows_read: int = 0
+    memberships_written: int = 0
+    skipped_stale: int = 0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    failed_users: int = 0
+    duration_s: float = 0.0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("loaded", "already_loaded", "nothing_to_do")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = max(self.duration_s, 1e-9)
+        return {
+            "snapshot_id": self.snapshot_id,
+            "snapshot_time": self.snapshot_time,
+            "status": self.status,
+            "parts": self.parts,
+            "parts_already_done": self.parts_skipped_done,
+            "rows_total": self.rows_total,
+            "rows_read": self.rows_read,
+            "memberships_written": self.memberships_written,
+            "skipped_stale": self.skipped_stale,
+            "rejected": dict(self.rejected),
+            "rejected_total": sum(self.rejected.values()),
+            "failed_users": self.failed_users,
+            "duration_s": round(self.duration_s, 3),
+            "rows_per_s": round(self.rows_read / d),
+            "memberships_per_s": round(self.memberships_written / d),
+            "message": self.message,
+        }
+
+
+# --- progress --------------------------------------------------------------------------------------
+class Progress:
+    """A progress bar on a terminal (rows/s, ETA), structured ``snapshot_progress`` logs otherwise."""
+
+    def __init__(
+        self, total: int, *, stream: TextIO | None = None, tty: bool | None = None,
+        log_interval_s: float = 5.0,
+    ) -> None:  # fmt: skip
+        self.total = max(total, 1)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.log_interval_s = log_interval_s
+        self.start = time.monotonic()
+        self._last = 0.0
+        self.done = 0
+
+    def update(self, done: int, *, force: bool = False) -> None:
+        self.done = done
+        now = time.monotonic()
+        interval = 0.2 if self.tty else self.log_interval_s
+        if not force and now - self._last < interval:
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        if self.tty:
+            width = 30
+            filled = int(width * min(done / self.total, 1.0))
+            eta_s = f"{eta:,.0f}s" if eta != float("inf") else "?"
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done:,}/{self.total:,} rows "
+                f"{rate:,.0f} rows/s ETA {eta_s}   "
+            )
+            self.stream.flush()
+        else:
+            log.info(
+                "snapshot_progress",
+                rows_done=done,
+                rows_total=self.total,
+                rows_per_s=round(rate),
+                eta_s=round(eta, 1) if eta != float("inf") else None,
+            )
+
+    def close(self) -> None:
+        self.update(self.done, force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- loader -------------------------------------------------------------------------------------------
+_END: Final = object()
+
+
+class SnapshotLoader:
+    """Validates a snapshot directory and loads it through :class:`MembershipStore`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        *,
+        clock: Clock | None = None,
+        batch_rows: int | None = None,
+        progress: Callable[[int], Progress] | None = None,
+        outage_give_up_s: float = 300.0,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.clock = clock or SystemClock()
+        self.layout = MembershipLayout(settings.redis_namespace)
+        self.store = MembershipStore(redis, self.layout, self.clock)
+        self.ttls = Ttls.from_seconds(
+            settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
+        )
+        self.batch_rows = batch_rows or settings.snapshot_batch_rows
+        self._progress_factory = progress
+        self.outage_give_up_s = outage_give_up_s
+
+    # --- validation ------------------------------------------------------------------------
+    def validate(self, directory: str | Path) -> tuple[Manifest, list[int]]:
+        """Everything that can refuse a snapshot before a single write (raises PricingError)."""
+        m = read_manifest(directory)
+        now = self.clock.now_ms()
+        age_ms = now - m.snapshot_time_ms
+        max_age_ms = self.settings.snapshot_max_age_s * 1000
+        if age_ms > max_age_ms:
+            raise FailedPreconditionError(
+                f"snapshot cut at {format_rfc3339_ms(m.snapshot_time_ms)} is {age_ms // 1000}s old, "
+                f"older than PRICING_SNAPSHOT_MAX_AGE_S={self.settings.snapshot_max_age_s}s: it "
+                "could bring back relations whose unfollow tombstones have expired",
+                reason="SNAPSHOT_TOO_OLD",
+            )
+        if m.snapshot_time_ms > now + CLOCK_SKEW_MS:
+            raise FailedPreconditionError(
+                f"snapshot cut at {format_rfc3339_ms(m.snapshot_time_ms)} is in the future",
+                reason="SNAPSHOT_IN_FUTURE",
+            )
+        counts = [count_rows(m.part_path(name)) for name in m.files]
+        if sum(counts) != m.rows:
+            detail = ", ".join(f"{n}={c}" for n, c in zip(m.files, counts, strict=True))
+            raise InvalidArgumentError.field(
+                "manifest.rows",
+                f"manifest says {m.rows} rows but the parts hold {sum(counts)} ({detail})",
+                "ROW_COUNT_MISMATCH",
+            )
+        return m, counts
+
+    @staticmethod
+    def select_parts(
+        files: Sequence[str],
+        *,
+        parts: Sequence[int] | None = None,
+        worker_index: int | None = None,
+        workers: int | None = None,
+    ) -> list[str]:
+        """The parts one process loads: explicit indexes, or every ``workers``-th from ``index``."""
+        if parts is not None:
+            bad = [p for p in parts if not 0 <= p < len(files)]
+            if bad:
+                raise InvalidArgumentError.field(
+                    "parts", f"indexes {bad} outside 0..{len(files) - 1}", "BAD_PART_INDEX"
+                )
+            return [files[p] for p in sorted(set(parts))]
+        if workers is not None or worker_index is not None:
+            n = workers or 1
+            i = worker_index or 0
+            if n < 1 or not 0 <= i < n:
+                raise InvalidArgumentError.field(
+                    "worker_index", f"must be in 0..{n - 1}", "BAD_WORKER_INDEX"
+                )
+            return [f for k, f in enumerate(files) if k % n == i]
+        return list(files)
+
+    # --- loading --------------------------------------------------------------------------------
+    async def load(
+        self,
+        directory: str | Path,
+        *,
+        parts: Sequence[int] | None = None,
+        worker_index: int | None = None,
+        workers: int | None = None,
+    ) -> LoadReport:
+        """Validate, then load the selected parts (all by default), resuming from checkpoints."""
+        t0 = time.monotonic()
+        manifest, counts = self.validate(directory)
+        sid = snapshot_id(manifest, counts)
+        selected = self.select_parts(
+            manifest.files, parts=parts, worker_index=worker_index, workers=workers
+        )
+        count_of = dict(zip(manifest.files, counts, strict=True))
+        ckey = self.layout.snapshot_checkpoint_key(sid)
+        report = LoadReport(sid, format_rfc3339_ms(manifest.snapshot_time_ms), parts=selected)
+        report.rows_total = sum(count_of[p] for p in selected)
+        raw = await self._retrying(lambda: self.redis.hgetall(ckey))
+        progress = {p: PartProgress.loads(raw.get(p.encode())) for p in selected}
+        todo = [p for p in selected if progress[p].offset < count_of[p]]
+        report.parts_skipped_done = [p for p in selected if p not in todo]
+        log.info(
+            "snapshot_load_started",
+            snapshot_id=sid,
+            snapshot_time=report.snapshot_time,
+            parts=len(selected),
+            parts_done=len(report.parts_skipped_done),
+            rows=report.rows_total,
+        )
+        if not todo:
+            report.status = "already_loaded" if selected else "nothing_to_do"
+            report.message = "every selected part was loaded before; nothing written"
+            report.duration_s = time.monotonic() - t0
+            return report
+        budget = self.settings.snapshot_max_error_rate * report.rows_total
+        rejected_before = sum(sum(progress[p].rejected.values()) for p in selected)
+        done_rows = sum(min(progress[p].offset, count_of[p]) for p in selected)
+        bar = self._progress_factory(report.rows_total) if self._progress_factory else None
+        if bar is not None:
+            bar.update(done_rows, force=True)
+        expire_at_ms = manifest.snapshot_time_ms + (self.settings.snapshot_max_age_s + 3600) * 1000
+        q: queue.Queue[object] = queue.Queue(maxsize=3)
+        stop = threading.Event()
+        parser = RowParser(manifest.snapshot_time_ms, self.ttls, self.settings.max_id_length)
+
+        def produce() -> None:
+            try:
+                for p in todo:
+                    for b in part_batches(
+                        manifest.part_path(p), progress[p].offset, self.batch_rows, parser
+                    ):
+                        while not stop.is_set():
+                            try:
+                                q.put(b, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                q.put(_END)
+            except BaseException as exc:  # handed to the event loop
+                q.put(exc)
+
+        reader = threading.Thread(target=produce, name="snapshot-reader", daemon=True)
+        reader.start()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                item = await loop.run_in_executor(None, q.get)
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, Batch)
+                result = await self._apply(item.writes)
+                pp = progress[item.part]
+                pp.offset = item.end
+                pp.written += result.applied
+                pp.stale += result.stale
+                pp.rejected.update(item.rejected)
+                await self._retrying(
+                    functools.partial(self._checkpoint, ckey, item.part, pp, expire_at_ms)
+                )
+                report.rows_read += item.rows
+                report.memberships_written += result.applied
+                report.skipped_stale += result.stale
+                report.rejected.update(item.rejected)
+                report.failed_users += len(result.failed_users)
+                if result.failed_users:
+                    log.error(
+                        "snapshot_users_not_written",
+                        count=len(result.failed_users),
+                        sample=dict(list(result.failed_users.items())[:3]),
+                    )
+                done_rows += item.rows
+                if bar is not None:
+                    bar.update(done_rows)
+                rejected_now = rejected_before + sum(report.rejected.values())
+                if rejected_now > budget:
+                    report.status = "error_rate_exceeded"
+                    report.message = (
+                        f"{rejected_now} malformed rows of {report.rows_total} exceed "
+                        f"PRICING_SNAPSHOT_MAX_ERROR_RATE={self.settings.snapshot_max_error_rate}"
+                        f" ({dict(report.rejected)}); load stopped"
+                    )
+                    break
+        finally:
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    q.get_nowait()
+            await loop.run_in_executor(None, reader.join)
+            if bar is not None:
+                bar.close()
+        report.duration_s = time.monotonic() - t0
+        if report.status == "loaded" and report.failed_users:
+            report.message = f"{report.failed_users} buyers could not be written (see logs)"
+        return report
+
+    async def _checkpoint(self, key: str, part: str, pp: PartProgress, expire_at_ms: int) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, part, pp.dumps())
+        pipe.pexpireat(key, expire_at_ms)
+        await pipe.execute()
+
+    async def _apply(self, writes: list[MembershipWrite]) -> ApplyResult:
+        result: ApplyResult = await self._retrying(lambda: self.store.apply(writes))
+        return result
+
+    async def _retrying(self, op: Callable[[], Any]) -> Any:
+        """Run ``op``; on a Redis outage retry with backoff, logging once, up to a deadline."""
+        since: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                result = await op()
+            except OUTAGE_ERRORS as exc:
+                now = time.monotonic()
+                if since is None:
+                    since = now
+                    log.warning("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
+                if now - since > self.outage_give_up_s:
+                    raise UnavailableError(
+                        f"Redis unreachable for {self.outage_give_up_s:.0f}s; run the load "
+                        "again to resume from the last checkpoint",
+                        reason="REDIS_UNAVAILABLE",
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if since is not None:
+                log.info("redis_recovered", outage_ms=round((time.monotonic() - since) * 1000))
+            return result
