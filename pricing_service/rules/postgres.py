@@ -17,7 +17,7 @@ The schema comes from the connection's ``search_path`` (e.g. ``?options=-csearch
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -29,7 +29,9 @@ from pricing_service.domain import Clock
 from pricing_service.errors import UnavailableError
 from pricing_service.rules.store import Row, SqlRuleStore, Tx
 
-MIGRATION_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('pricing-rules-migrate:' || current_schema()))"
+MIGRATION_LOCK_SQL = (
+    "SELECT pg_advisory_xact_lock(hashtext('pricing-rules-migrate:' || current_schema()))"
+)
 
 
 @lru_cache(maxsize=256)
@@ -107,13 +109,13 @@ class PostgresRuleStore(SqlRuleStore):
                 f"rule store (PostgreSQL) unavailable: {exc}", reason="RULE_STORE_UNAVAILABLE"
             ) from exc
 
-    def _write(self) -> Any:
+    def _write(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx("BEGIN")
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 
-    def _migration_lock(self) -> Any:
+    def _migration_lock(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx("BEGIN", MIGRATION_LOCK_SQL)
 
     async def close(self) -> None:

@@ -17,9 +17,9 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pricing_service.config import Settings
 from pricing_service.domain import Clock
@@ -146,13 +146,13 @@ class SqliteRuleStore(SqlRuleStore):
                 raise
             await asyncio.shield(conn.run(lambda c: c.execute("COMMIT")))
 
-    def _write(self) -> Any:
+    def _write(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._writer, "BEGIN IMMEDIATE")
 
-    def _read(self) -> Any:
+    def _read(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._reader, "BEGIN DEFERRED")
 
-    def _migration_lock(self) -> Any:
+    def _migration_lock(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._writer, "BEGIN IMMEDIATE")
 
     async def close(self) -> None:

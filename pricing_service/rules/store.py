@@ -96,7 +96,7 @@ class RuleStore(Protocol):
         """Delete; return the revision of the deletion (NotFoundError if unknown)."""
         ...
 
-    async def list(
+    async def list_rules(
         self, seller_id: str, item_id: str, page_size: int, page_token: str
     ) -> tuple[list[Rule], str]: ...
 
@@ -314,11 +314,11 @@ class SqlRuleStore(ABC):
     async def delete(self, rule_id: str, actor: str) -> int:
         async with self._write() as tx:
             base = await self._lock_revision(tx)
-            row = await tx.fetchone(f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,))
+            row = await tx.fetchone(
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,)
+            )
             if row is None:
-                raise refusal(
-                    NotFoundError, "rule_id", f"no rule {rule_id!r}", "RULE_NOT_FOUND"
-                )
+                raise refusal(NotFoundError, "rule_id", f"no rule {rule_id!r}", "RULE_NOT_FOUND")
             rule = rule_from_row(row)
             revision = base + 1
             await tx.execute("DELETE FROM rules WHERE rule_id = ?", (rule_id,))
@@ -329,7 +329,9 @@ class SqlRuleStore(ABC):
     async def _lock_revision(self, tx: Tx) -> int:
         row = await tx.fetchone(self.LOCK_REVISION_SQL)
         if row is None:
-            raise ConfigError("rule store is not migrated (no rule_meta row)", reason="NOT_MIGRATED")
+            raise ConfigError(
+                "rule store is not migrated (no rule_meta row)", reason="NOT_MIGRATED"
+            )
         return int(row[0])
 
     async def _upsert_one(
@@ -463,12 +465,14 @@ class SqlRuleStore(ABC):
     # --- reads ----------------------------------------------------------------------------
     async def get(self, rule_id: str) -> Rule:
         async with self._read() as tx:
-            row = await tx.fetchone(f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,))
+            row = await tx.fetchone(
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,)
+            )
         if row is None:
             raise refusal(NotFoundError, "rule_id", f"no rule {rule_id!r}", "RULE_NOT_FOUND")
         return rule_from_row(row)
 
-    async def list(
+    async def list_rules(
         self, seller_id: str, item_id: str, page_size: int, page_token: str
     ) -> tuple[list[Rule], str]:
         """Rules ordered by (seller, item, crowd); keyset pages, so stable under writes."""
@@ -530,7 +534,9 @@ class SqlRuleStore(ABC):
     async def load_all(self) -> tuple[list[Rule], int]:
         async with self._read() as tx:
             rev = await tx.fetchone("SELECT revision FROM rule_meta WHERE id = 1")
-            rows = await tx.fetchall(f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind")
+            rows = await tx.fetchall(
+                f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind"
+            )
         return [rule_from_row(r) for r in rows], int(rev[0]) if rev else 0
 
     async def history(

@@ -1,0 +1,333 @@
+"""Validation of rules at the boundary (gRPC requests, import files, the CLI).
+
+pydantic models with ``extra='forbid'`` (an unknown field is refused, never ignored). Every
+refusal becomes an :class:`InvalidArgumentError` whose violations name the request path of
+the field (``rule.price.amount_minor``, ``rules[3].item_id``) and carry an UPPER_SNAKE reason.
+
+Rules the store must decide (an item owned by another seller, the per-item limit, rule id
+conflicts) are checked in the store's transaction, not here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from pricing_service.currency import MAX_AMOUNT_MINOR, MINOR_UNITS
+from pricing_service.domain import CrowdKind, Money, Rule
+from pricing_service.errors import FieldViolation, InvalidArgumentError
+
+#: Latest instant accepted: 9999-12-31T23:59:59.999Z.
+MAX_TIME_MS = 253_402_300_799_999
+DEFAULT_MAX_ID_LENGTH = 128
+
+_BUILTIN_REASONS = {
+    "missing": "MISSING_FIELD",
+    "extra_forbidden": "UNKNOWN_FIELD",
+    "int_type": "WRONG_TYPE",
+    "int_parsing": "WRONG_TYPE",
+    "int_from_float": "WRONG_TYPE",
+    "string_type": "WRONG_TYPE",
+    "list_type": "WRONG_TYPE",
+    "model_type": "WRONG_TYPE",
+    "model_attributes_type": "WRONG_TYPE",
+    "dict_type": "WRONG_TYPE",
+    "too_long": "TOO_MANY",
+    "too_short": "EMPTY_LIST",
+}
+
+
+def _refuse(reason: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(reason, message)
+
+
+def check_id(value: str, info: ValidationInfo, *, allow_empty: bool = False) -> str:
+    max_len = (info.context or {}).get("max_id_length", DEFAULT_MAX_ID_LENGTH)
+    if not value:
+        if allow_empty:
+            return value
+        raise _refuse("MISSING_ID", "must not be empty")
+    if len(value) > max_len:
+        raise _refuse("ID_TOO_LONG", f"longer than {max_len} characters")
+    if not value.isprintable() or value != value.strip():
+        raise _refuse("INVALID_ID", "must not contain control characters or surrounding spaces")
+    return value
+
+
+def parse_crowd(value: object) -> CrowdKind:
+    """A crowd kind from an enum number (1..3) or a name (``all_fans``, ``CROWD_KIND_ALL_FANS``)."""
+    if isinstance(value, CrowdKind):
+        return value
+    if isinstance(value, bool):
+        raise _refuse("INVALID_CROWD", "must be a crowd kind")
+    if isinstance(value, int):
+        if value == 0:
+            raise _refuse("CROWD_KIND_UNSPECIFIED", "the crowd kind must be set")
+        try:
+            return CrowdKind(value)
+        except ValueError:
+            raise _refuse("INVALID_CROWD", f"unknown crowd kind {value}") from None
+    if isinstance(value, str):
+        name = value.strip().upper().removeprefix("CROWD_KIND_")
+        if name in ("", "UNSPECIFIED"):
+            raise _refuse("CROWD_KIND_UNSPECIFIED", "the crowd kind must be set")
+        try:
+            return CrowdKind[name]
+        except KeyError:
+            choices = ", ".join(k.name.lower() for k in CrowdKind)
+            raise _refuse("INVALID_CROWD", f"unknown crowd {value!r} (one of {choices})") from None
+    raise _refuse("INVALID_CROWD", "must be a crowd kind")
+
+
+class PriceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    currency_code: str
+    amount_minor: int = Field(strict=True)
+
+    @field_validator("currency_code")
+    @classmethod
+    def _currency(cls, v: str) -> str:
+        if v not in MINOR_UNITS:
+            raise _refuse(
+                "UNKNOWN_CURRENCY",
+                f"{v!r} is not an ISO-4217 currency code" if v else "must not be empty",
+            )
+        return v
+
+    @field_validator("amount_minor")
+    @classmethod
+    def _amount(cls, v: int) -> int:
+        if v < 0:
+            raise _refuse("NEGATIVE_PRICE", f"must be > 0, got {v}")
+        if v == 0:
+            raise _refuse("ZERO_PRICE", "must be > 0")
+        if v > MAX_AMOUNT_MINOR:
+            raise _refuse("PRICE_TOO_LARGE", f"must be at most {MAX_AMOUNT_MINOR}")
+        return v
+
+
+class RuleIn(BaseModel):
+    """A rule as a caller sends it; times are UTC milliseconds (``None`` = open-ended)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rule_id: str = ""
+    seller_id: str
+    item_id: str
+    crowd: CrowdKind
+    price: PriceIn
+    start_time: int | None = Field(default=None, strict=True)
+    end_time: int | None = Field(default=None, strict=True)
+
+    @field_validator("rule_id")
+    @classmethod
+    def _rule_id(cls, v: str, info: ValidationInfo) -> str:
+        return check_id(v, info, allow_empty=True)
+
+    @field_validator("seller_id", "item_id")
+    @classmethod
+    def _ids(cls, v: str, info: ValidationInfo) -> str:
+        return check_id(v, info)
+
+    @field_validator("crowd", mode="before")
+    @classmethod
+    def _crowd(cls, v: object) -> CrowdKind:
+        return parse_crowd(v)
+
+    @field_validator("start_time", "end_time")
+    @classmethod
+    def _time(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TIME_MS:
+            raise _refuse("TIME_OUT_OF_RANGE", "must be between 1970 and 9999")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> RuleIn:
+        s, e = self.start_time, self.end_time
+        if s is not None and e is not None and s >= e:
+            raise _refuse("EMPTY_VALIDITY_WINDOW", "start_time must be before end_time")
+        return self
+
+    def to_domain(self) -> Rule:
+        return Rule(
+            rule_id=self.rule_id,
+            seller_id=self.seller_id,
+            item_id=self.item_id,
+            kind=self.crowd,
+            price=Money(self.price.currency_code, self.price.amount_minor),
+            start_ms=self.start_time,
+            end_ms=self.end_time,
+        )
+
+
+class BatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rules: list[RuleIn]
+
+    @field_validator("rules")
+    @classmethod
+    def _bounded(cls, v: list[RuleIn], info: ValidationInfo) -> list[RuleIn]:
+        limit = (info.context or {}).get("max_rule_batch", 1000)
+        if not v:
+            raise _refuse("EMPTY_BATCH", "must not be empty")
+        if len(v) > limit:
+            raise _refuse("BATCH_TOO_LARGE", f"{len(v)} rules exceed the limit of {limit}")
+        return v
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def field_path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else part
+    return path
+
+
+def to_invalid_argument(exc: ValidationError, prefix: str) -> InvalidArgumentError:
+    """One INVALID_ARGUMENT carrying every violation pydantic found."""
+    violations: list[FieldViolation] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # a model validator's error has no field of its own: blame the window's end
+        if err["type"] == "EMPTY_VALIDITY_WINDOW":
+            loc = (*loc, "end_time")
+        reason = _BUILTIN_REASONS.get(err["type"], err["type"])
+        if not reason.isupper():
+            reason = "INVALID_VALUE"
+        violations.append(FieldViolation(field_path(prefix, loc) or prefix, err["msg"], reason))
+    first = violations[0]
+    return InvalidArgumentError(
+        f"{first.field}: {first.description}"
+        + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""),
+        reason=first.reason,
+        violations=violations,
+        metadata={"field": first.field},
+    )
+
+
+def validate(
+    model: type[M],
+    data: Any,
+    *,
+    prefix: str = "",
+    max_id_length: int = DEFAULT_MAX_ID_LENGTH,
+    max_rule_batch: int = 1000,
+) -> M:
+    try:
+        return model.model_validate(
+            data, context={"max_id_length": max_id_length, "max_rule_batch": max_rule_batch}
+        )
+    except ValidationError as exc:
+        raise to_invalid_argument(exc, prefix) from None
+
+
+# --- human input (CLI, import files) ------------------------------------------------------
+
+
+def decimal_to_minor(text: object, currency: str, field: str) -> int:
+    """``"18.88"`` CNY → 1888, exactly; refuses more decimals than the currency has."""
+    if currency not in MINOR_UNITS:
+        raise InvalidArgumentError.field(
+            field.rsplit(".", 1)[0] + ".currency" if "." in field else "currency",
+            f"{currency!r} is not an ISO-4217 currency code",
+            "UNKNOWN_CURRENCY",
+        )
+    if isinstance(text, (bool, float)):
+        raise InvalidArgumentError.field(
+            field, 'must be a decimal string such as "18.88" (not a float)', "INVALID_PRICE"
+        )
+    try:
+        value = Decimal(str(text).strip())
+    except InvalidOperation:
+        raise InvalidArgumentError.field(
+            field, f"{text!r} is not a decimal number", "INVALID_PRICE"
+        ) from None
+    if not value.is_finite():
+        raise InvalidArgumentError.field(field, "must be a finite number", "INVALID_PRICE")
+    exp = MINOR_UNITS[currency]
+    minor = value.scaleb(exp)
+    if minor != minor.to_integral_value():
+        raise InvalidArgumentError.field(
+            field,
+            f"{currency} allows at most {exp} decimal places, got {text}",
+            "PRICE_TOO_PRECISE",
+        )
+    return int(minor)
+
+
+def parse_time(text: str | None, field: str) -> int | None:
+    """RFC 3339 (``2026-11-25T12:00:00Z``) → UTC ms; ``None``/empty → ``None``."""
+    if text is None or text == "":
+        return None
+    try:
+        dt = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidArgumentError.field(
+            field, f"{text!r} is not an RFC 3339 time", "INVALID_TIME"
+        ) from None
+    if dt.tzinfo is None:
+        raise InvalidArgumentError.field(
+            field, "must carry a UTC offset (e.g. 'Z' or '+08:00')", "INVALID_TIME"
+        )
+    return int(dt.timestamp() * 1000)
+
+
+IMPORT_FIELDS = (
+    "rule_id",
+    "seller_id",
+    "item_id",
+    "crowd",
+    "price",
+    "currency",
+    "start_time",
+    "end_time",
+)
+
+
+def rule_from_human(
+    row: dict[str, Any], prefix: str, *, max_id_length: int = DEFAULT_MAX_ID_LENGTH
+) -> Rule:
+    """One import row / CLI call: decimal ``price`` + ``currency``, RFC 3339 times."""
+    unknown = sorted(set(row) - set(IMPORT_FIELDS))
+    if unknown:
+        raise InvalidArgumentError.field(
+            f"{prefix}.{unknown[0]}",
+            f"unknown field (expected some of {', '.join(IMPORT_FIELDS)})",
+            "UNKNOWN_FIELD",
+        )
+    for required in ("price", "currency"):
+        if row.get(required) in (None, ""):
+            raise InvalidArgumentError.field(f"{prefix}.{required}", "is required", "MISSING_FIELD")
+    currency = str(row["currency"]).strip().upper()
+    data = {
+        "rule_id": row.get("rule_id") or "",
+        "seller_id": row.get("seller_id", ""),
+        "item_id": row.get("item_id", ""),
+        "crowd": row.get("crowd", 0),
+        "price": {
+            "currency_code": currency,
+            "amount_minor": decimal_to_minor(row["price"], currency, f"{prefix}.price"),
+        },
+        "start_time": parse_time(row.get("start_time"), f"{prefix}.start_time"),
+        "end_time": parse_time(row.get("end_time"), f"{prefix}.end_time"),
+    }
+    return validate(RuleIn, data, prefix=prefix, max_id_length=max_id_length).to_domain()
