@@ -116,8 +116,7 @@ async def import_rules(
         print(f"cannot read {p}: {exc.strerror}", file=out)
         return 1
     except InvalidArgumentError as exc:
-        print(f"refused, nothing written: {exc.message}", file=out)
-        return 1
+        return _report(out, exc.violations)
     if not rows:
         print(f"refused: {p} holds no rules", file=out)
         return 1
