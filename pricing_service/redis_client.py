@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from pricing_service.config import Settings
 
@@ -31,6 +33,9 @@ def make_redis(
         socket_timeout=timeout,
         socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
         health_check_interval=30,
+        # one immediate retry on a fresh connection: after a Redis restart every pooled
+        # connection is dead, and the first use of each must not fail the caller
+        retry=Retry(NoBackoff(), 1),
         **tls,  # type: ignore[arg-type]
     )
     return aioredis.Redis(connection_pool=pool)
