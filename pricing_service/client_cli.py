@@ -71,7 +71,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                     )
                 response = stub.CheckDiscountStrict(check, timeout=5)
         except grpc.RpcError as err:
-            print(f"{err.code().name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"{err.code().name}: {err.details()}", file=sys.stderr)
             return 1
     print(json.dumps(json_format.MessageToDict(response), indent=2))  # type: ignore[arg-type]
     return 0

@@ -254,7 +254,7 @@ def test_bad_input_gets_invalid_argument_naming_the_field(
                     reasons.append(info.reason)
             assert violations == [field]
             assert reasons == [reason]
-        for request in (
+        for strict in (
             pricing_pb2.CheckDiscountStrictRequest(user_id="", item_id="1001"),
             pricing_pb2.CheckDiscountStrictRequest(user_id="u", item_id="x" * 1000),
             pricing_pb2.CheckDiscountStrictRequest(
@@ -262,6 +262,6 @@ def test_bad_input_gets_invalid_argument_naming_the_field(
             ),
         ):
             with pytest.raises(grpc.RpcError) as caught:
-                stub.CheckDiscountStrict(request, timeout=5)
+                stub.CheckDiscountStrict(strict, timeout=5)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert server.alive() and worker.alive()

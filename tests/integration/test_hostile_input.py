@@ -66,8 +66,12 @@ def rules() -> st.SearchStrategy[admin_pb2.DiscountRule]:
         seller: str, item: str, crowd: int, price: common_pb2.Money, start: int, end: int, rid: str
     ) -> admin_pb2.DiscountRule:
         r = admin_pb2.DiscountRule(
-            rule_id=rid, seller_id=seller, item_id=item, crowd=crowd, price=price
-        )  # type: ignore[arg-type]
+            rule_id=rid,
+            seller_id=seller,
+            item_id=item,
+            crowd=common_pb2.CrowdKind.ValueType(crowd),
+            price=price,
+        )
         if start:
             r.start_time.seconds = start
         if end:

@@ -84,7 +84,7 @@ def test_sigterm_drains_in_flight_calls(
         assert server.proc.wait(20) == 0, server.log()
         assert len(results) == 8
         failed = [r for r in results if isinstance(r, grpc.RpcError)]
-        assert not failed, [(e.code(), e.details()) for e in failed]  # type: ignore[attr-defined]
+        assert not failed, [(e.code(), e.details()) for e in failed]
         assert all(
             isinstance(r, pricing_pb2.BatchGetLowestPriceResponse) and r.degraded for r in results
         )

@@ -70,8 +70,8 @@ class Harness:
         r = admin_pb2.DiscountRule(
             seller_id=seller,
             item_id=item,
-            crowd=crowd,
-            price=money(amount, currency),  # type: ignore[arg-type]
+            crowd=common_pb2.CrowdKind.ValueType(crowd),
+            price=money(amount, currency),
         )
         if start_ms is not None:
             r.start_time.FromMilliseconds(start_ms)
@@ -171,7 +171,7 @@ async def h(redis_url: str, namespace: str, tmp_path: Path) -> AsyncIterator[Har
 
 
 def error_info(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None, err
     reason, fields = "", []
     for d in status.details:
