@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if command == "serve":
             sys.exit(serve(settings))
         elif command == "migrate":
-            from pricing_service.rules import cli as rules_cli  # noqa: PLC0415
+            import pricing_service.rules.cli as rules_cli  # noqa: PLC0415
 
             sys.exit(asyncio.run(rules_cli.migrate(settings)))
         elif command == "rules":
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _rules(settings: Settings, args: argparse.Namespace) -> int:
-    from pricing_service.rules import cli as rules_cli  # noqa: PLC0415
+    import pricing_service.rules.cli as rules_cli  # noqa: PLC0415
 
     if args.rules_command == "import":
         return await rules_cli.import_rules(settings, args.file, args.actor)

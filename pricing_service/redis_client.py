@@ -36,6 +36,6 @@ def make_redis(
         # one immediate retry on a fresh connection: after a Redis restart every pooled
         # connection is dead, and the first use of each must not fail the caller
         retry=Retry(NoBackoff(), 1),
-        **tls,  # type: ignore[arg-type]
+        **tls,
     )
     return aioredis.Redis(connection_pool=pool)
