@@ -69,8 +69,8 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
             degraded=result.degraded, rule_revision=result.rule_revision
         )
         prices = response.prices
-        for q, d in zip(queries, result.decisions, strict=True):
-            out = prices.add(item_id=q.item_id)
+        for query, d in zip(queries, result.decisions, strict=True):
+            out = prices.add(item_id=query.item_id)
             if d.price is not None:
                 money_to_proto(d.price, out.price)
             rule = d.rule
