@@ -337,11 +337,15 @@ class SqlRuleStore(ABC):
     async def _upsert_one(
         self, tx: Tx, rule: Rule, actor: str, revision: int, field: str
     ) -> tuple[Rule, bool]:
-        other = await tx.fetchone(
-            "SELECT seller_id FROM rules WHERE item_id = ? AND seller_id <> ? LIMIT 1",
-            (rule.item_id, rule.seller_id),
-        )
-        if other is not None:
+        # one read of the item's rules (at most max_rules_per_item) answers ownership,
+        # replacement and the per-item limit
+        item_rules = [
+            rule_from_row(r)
+            for r in await tx.fetchall(
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ?", (rule.item_id,)
+            )
+        ]
+        if any(r.seller_id != rule.seller_id for r in item_rules):
             raise refusal(
                 FailedPreconditionError,
                 f"{field}.item_id",
@@ -349,11 +353,7 @@ class SqlRuleStore(ABC):
                 "an item's rules all belong to one seller",
                 "ITEM_OWNED_BY_OTHER_SELLER",
             )
-        row = await tx.fetchone(
-            f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? AND crowd_kind = ?",
-            (rule.item_id, int(rule.kind)),
-        )
-        existing = None if row is None else rule_from_row(row)
+        existing = next((r for r in item_rules if r.kind == rule.kind), None)
         if rule.rule_id:
             if existing is not None and existing.rule_id != rule.rule_id:
                 raise refusal(
@@ -377,10 +377,7 @@ class SqlRuleStore(ABC):
                     )
         now = self.clock.now_ms()
         if existing is None:
-            count_row = await tx.fetchone(
-                "SELECT COUNT(*) FROM rules WHERE item_id = ?", (rule.item_id,)
-            )
-            count = int(count_row[0]) if count_row else 0
+            count = len(item_rules)
             if count >= self.max_rules_per_item:
                 raise refusal(
                     FailedPreconditionError,
