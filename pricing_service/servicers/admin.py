@@ -11,6 +11,8 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc
 from pricing_service.auth import check_bearer
@@ -28,8 +30,24 @@ MAX_PAGE_SIZE = 1000
 MAX_TOKEN_LENGTH = 1024
 
 
-def rule_to_dict(m: admin_pb2.DiscountRule) -> dict[str, Any]:
+def refuse_unknown_fields(m: Message, field: str) -> None:
+    """Fields this server does not know are refused, not silently dropped."""
+    unknown = UnknownFieldSet(m)
+    if len(unknown):
+        numbers = sorted({unknown[i].field_number for i in range(len(unknown))})
+        raise InvalidArgumentError.field(
+            field,
+            f"carries field number(s) {numbers} unknown to this server",
+            "UNKNOWN_FIELD",
+        )
+
+
+def rule_to_dict(m: admin_pb2.DiscountRule, field: str = "rule") -> dict[str, Any]:
     """The caller-settable fields of a proto rule (output-only fields are ignored)."""
+    refuse_unknown_fields(m, field)
+    for sub in ("price", "start_time", "end_time"):
+        if m.HasField(sub):
+            refuse_unknown_fields(getattr(m, sub), f"{field}.{sub}")
     d: dict[str, Any] = {
         "rule_id": m.rule_id,
         "seller_id": m.seller_id,
@@ -111,6 +129,7 @@ class DiscountAdminServicer(admin_pb2_grpc.DiscountAdminServiceServicer):
         self, request: admin_pb2.UpsertDiscountRuleRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.UpsertDiscountRuleResponse:
         actor = self._actor(context)
+        refuse_unknown_fields(request, "request")
         if not request.HasField("rule"):
             raise InvalidArgumentError.field("rule", "is required", "MISSING_FIELD")
         rule = validate(
@@ -172,9 +191,10 @@ class DiscountAdminServicer(admin_pb2_grpc.DiscountAdminServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> admin_pb2.BatchUpsertDiscountRulesResponse:
         actor = self._actor(context)
+        refuse_unknown_fields(request, "request")
         batch = validate(
             BatchIn,
-            {"rules": [rule_to_dict(r) for r in request.rules]},
+            {"rules": [rule_to_dict(r, f"rules[{i}]") for i, r in enumerate(request.rules)]},
             max_id_length=self.max_id,
             max_rule_batch=self.max_batch,
         )

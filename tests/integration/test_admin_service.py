@@ -528,3 +528,35 @@ async def test_pricing_reads_are_unaffected_by_admin_auth(
             await asyncio.sleep(0.02)
         assert [p.price.amount_minor for p in resp.prices] == [2500]  # anonymous: list price
         assert not resp.degraded
+
+
+def with_unknown_field(message: Any, number: int = 99) -> Any:
+    """A copy of ``message`` carrying a varint field this server's schema does not have."""
+    tag, raw = (number << 3) | 0, bytearray()
+    while True:
+        low, tag = tag & 0x7F, tag >> 7
+        raw.append(low | (0x80 if tag else 0))
+        if not tag:
+            break
+    return type(message).FromString(message.SerializeToString() + bytes(raw) + b"\x05")
+
+
+async def test_unknown_fields_are_refused_not_dropped(admin: Admin) -> None:
+    rule = with_unknown_field(drule())
+    err = await refused(upsert(admin, rule))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(err) == ("UNKNOWN_FIELD", [("rule", "UNKNOWN_FIELD")])
+    nested = drule()
+    nested.price.CopyFrom(with_unknown_field(money(100), 7))
+    err = await refused(upsert(admin, nested))
+    assert details(err) == ("UNKNOWN_FIELD", [("rule.price", "UNKNOWN_FIELD")])
+    request = with_unknown_field(admin_pb2.UpsertDiscountRuleRequest(rule=drule()), 50)
+    err = await refused(admin.stub.UpsertDiscountRule(request, metadata=AUTH))
+    assert details(err) == ("UNKNOWN_FIELD", [("request", "UNKNOWN_FIELD")])
+    err = await refused(
+        admin.stub.BatchUpsertDiscountRules(
+            admin_pb2.BatchUpsertDiscountRulesRequest(rules=[drule("a"), rule]), metadata=AUTH
+        )
+    )
+    assert details(err) == ("UNKNOWN_FIELD", [("rules[1]", "UNKNOWN_FIELD")])
+    assert await admin.store.current_revision() == 0
