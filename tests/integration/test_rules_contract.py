@@ -5,6 +5,7 @@ A real SQLite file (WAL) and a real PostgreSQL server (a fresh schema per test).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -78,6 +79,19 @@ async def test_migrations_are_versioned_idempotent_and_shared(
         assert await other.get(r.rule_id) == r  # one database, seen by both
     finally:
         await other.close()
+
+
+async def test_replicas_starting_together_migrate_once(store_url: str) -> None:
+    stores = await asyncio.gather(*(open_rule_store(settings_for(store_url)) for _ in range(4)))
+    try:
+        assert [await s.schema_version() for s in stores] == [LATEST_VERSION] * 4
+        assert [await s.migrate() for s in stores] == [[]] * 4
+        r, _ = await stores[0].upsert(rule("i1"), "a")
+        assert r.revision == 1  # exactly one revision row was created
+        assert [await s.current_revision() for s in stores] == [1] * 4
+    finally:
+        for s in stores:
+            await s.close()
 
 
 async def test_fresh_store_starts_at_revision_zero(store: SqlRuleStore) -> None:
