@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from pricing_service.domain import Crowd, Money, Rule
+from pricing_service.domain import Crowd, CrowdKind, Money, Rule
 from pricing_service.errors import InvalidArgumentError
 
 
@@ -47,6 +48,9 @@ class Decision:
         return self.rule is not None
 
 
+_SPECIFICITY = {kind: kind.specificity for kind in CrowdKind}
+
+
 def preference(rule: Rule) -> tuple[int, int, str]:
     """Sort key of applicable rules: lowest price, then most specific crowd, then rule id."""
     return (rule.price.amount_minor, -rule.kind.specificity, rule.rule_id)
@@ -54,14 +58,21 @@ def preference(rule: Rule) -> tuple[int, int, str]:
 
 def crowds_to_check(rule_lists: Iterable[Sequence[Rule]], now_ms: int) -> list[Crowd]:
     """The distinct crowds of every active rule: what one membership lookup must answer."""
-    seen: dict[Crowd, None] = {}
+    # deduplicated on (seller, kind) tuples, hashed in C: a Crowd is built once per crowd
+    seen: dict[tuple[str, CrowdKind], Crowd] = {}
     for rules in rule_lists:
         for r in rules:
-            if (r.start_ms is None or r.start_ms <= now_ms) and (
-                r.end_ms is None or now_ms < r.end_ms
-            ):
-                seen[Crowd(r.seller_id, r.kind)] = None
-    return list(seen)
+            start, end = r.start_ms, r.end_ms
+            if (start is None or start <= now_ms) and (end is None or now_ms < end):
+                key = (r.seller_id, r.kind)
+                if key not in seen:
+                    seen[key] = Crowd(r.seller_id, r.kind)
+    return list(seen.values())
+
+
+def member_keys(members: Iterable[Crowd]) -> frozenset[tuple[str, CrowdKind]]:
+    """``members`` as ``(seller_id, kind)`` tuples: the form :func:`decide_keyed` tests."""
+    return frozenset([(c.seller_id, c.kind) for c in members])
 
 
 def check_currencies(field: str, list_price: Money | None, rules: Sequence[Rule]) -> None:
@@ -98,9 +109,63 @@ def decide(
     """
     if not rules:
         return Decision(list_price, None)
+    keys = None if members is None else member_keys(members)
+    return decide_keyed(list_price, rules, keys, now_ms, explain=explain)
+
+
+def decide_keyed(
+    list_price: Money | None,
+    rules: Sequence[Rule],
+    members: AbstractSet[tuple[str, CrowdKind]] | None,
+    now_ms: int,
+    *,
+    explain: bool = False,
+) -> Decision:
+    """:func:`decide` with the buyer's crowds as ``(seller_id, kind)`` tuples (:func:`member_keys`).
+
+    The form a page's loop uses: one conversion per page instead of a ``Crowd`` per rule.
+    """
+    if not rules:
+        return Decision(list_price, None)
+    if explain:
+        return _decide_explained(list_price, rules, members, now_ms)
+    best: Rule | None = None
+    best_amount = 0
+    best_spec = 0
+    limit = list_price.amount_minor if list_price is not None else None
+    for r in rules:
+        start, end = r.start_ms, r.end_ms
+        if (
+            (start is not None and now_ms < start)
+            or (end is not None and now_ms >= end)
+            or members is None
+            or (r.seller_id, r.kind) not in members
+        ):
+            continue
+        amount = r.price.amount_minor
+        if limit is not None and amount >= limit:
+            continue
+        if best is None or amount < best_amount:
+            best, best_amount, best_spec = r, amount, _SPECIFICITY[r.kind]
+        elif amount == best_amount:
+            # the order of preference(): lowest price, most specific crowd, smallest rule id
+            spec = _SPECIFICITY[r.kind]
+            if spec > best_spec or (spec == best_spec and r.rule_id < best.rule_id):
+                best, best_spec = r, spec
+    if best is None:
+        return Decision(list_price, None)
+    return Decision(best.price, best)
+
+
+def _decide_explained(
+    list_price: Money | None,
+    rules: Sequence[Rule],
+    members: AbstractSet[tuple[str, CrowdKind]] | None,
+    now_ms: int,
+) -> Decision:
     best: Rule | None = None
     best_key: tuple[int, int, str] | None = None
-    outcomes: list[tuple[Rule, Outcome]] | None = [] if explain else None
+    outcomes: list[tuple[Rule, Outcome]] = []
     limit = list_price.amount_minor if list_price is not None else None
     for r in rules:
         if r.start_ms is not None and now_ms < r.start_ms:
@@ -109,7 +174,7 @@ def decide(
             outcome = Outcome.ENDED
         elif members is None:
             outcome = Outcome.MEMBERSHIP_UNKNOWN
-        elif Crowd(r.seller_id, r.kind) not in members:
+        elif (r.seller_id, r.kind) not in members:
             outcome = Outcome.NOT_A_MEMBER
         elif limit is not None and r.price.amount_minor >= limit:
             outcome = Outcome.ABOVE_LIST_PRICE
@@ -118,11 +183,8 @@ def decide(
             if best_key is None or key < best_key:
                 best, best_key = r, key
             outcome = Outcome.OUTBID  # corrected below for the winner
-        if outcomes is not None:
-            outcomes.append((r, outcome))
-    evaluations: tuple[Evaluation, ...] = ()
-    if outcomes is not None:
-        evaluations = tuple(Evaluation(r, Outcome.APPLIED if r is best else o) for r, o in outcomes)
+        outcomes.append((r, outcome))
+    evaluations = tuple(Evaluation(r, Outcome.APPLIED if r is best else o) for r, o in outcomes)
     if best is None:
         return Decision(list_price, None, evaluations)
     return Decision(best.price, best, evaluations)

@@ -17,8 +17,15 @@ import structlog
 from redis.exceptions import RedisError
 
 from pricing_service.breaker import CircuitBreaker
-from pricing_service.domain import Clock, Crowd, Money, Rule
-from pricing_service.engine import Decision, check_currencies, crowds_to_check, decide, preference
+from pricing_service.domain import Clock, Crowd, CrowdKind, Money, Rule
+from pricing_service.engine import (
+    Decision,
+    check_currencies,
+    crowds_to_check,
+    decide_keyed,
+    member_keys,
+    preference,
+)
 from pricing_service.errors import DeadlineExceededError, UnavailableError
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
@@ -117,19 +124,21 @@ class PricingCore:
         index = self.index
         revision = index.revision
         now = self.clock.now_ms()
-        rule_lists = [index.rules_for(q.item_id) for q in queries]
+        rules_for = index.rules_for
+        rule_lists = [rules_for(q.item_id) for q in queries]
         for i, (q, rules) in enumerate(zip(queries, rule_lists, strict=True)):
             if rules:
                 check_currencies(f"items[{i}]", q.list_price, rules)
-        members: frozenset[Crowd] | None = frozenset()
+        keys: frozenset[tuple[str, CrowdKind]] | None = frozenset()
         degraded = False
         if user_id:
             crowds = crowds_to_check(rule_lists, now)
             if crowds:
                 members = await self._lookup(user_id, crowds, time_remaining_s)
                 degraded = members is None
+                keys = None if members is None else member_keys(members)
         decisions = [
-            decide(q.list_price, rules, members, now, explain=explain)
+            decide_keyed(q.list_price, rules, keys, now, explain=explain)
             for q, rules in zip(queries, rule_lists, strict=True)
         ]
         return BatchResult(decisions, degraded, revision)
