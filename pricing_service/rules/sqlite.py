@@ -7,8 +7,8 @@ which takes the database's write lock up front (waiting up to the busy timeout),
 cross-process writers are serialised before they read anything.
 
 The stdlib driver is blocking; each connection lives on a single thread of its own and the
-event loop hands it statements. One connection writes, one reads, each guarded by an
-``asyncio.Lock`` held for a whole transaction.
+event loop hands it statements. One connection writes and a few read (up to
+:data:`MAX_READERS`), each guarded by an ``asyncio.Lock`` held for a whole transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pricing_service.errors import ConfigError, UnavailableError
 from pricing_service.rules.store import Row, SqlRuleStore, Tx
 
 T = TypeVar("T")
+#: Reader connections (each on a thread of its own), at most; PRICING_RULE_STORE_POOL_SIZE caps it.
+MAX_READERS = 4
 
 
 def sqlite_path(url: str) -> Path:
@@ -115,7 +117,9 @@ class SqliteRuleStore(SqlRuleStore):
         self.path = path
         busy = settings.rule_store_busy_timeout_ms
         self._writer = _Conn(path, busy, "w")
-        self._reader = _Conn(path, busy, "r")
+        readers = max(1, min(settings.rule_store_pool_size, MAX_READERS))
+        self._readers = [_Conn(path, busy, f"r{i}") for i in range(readers)]
+        self._next_reader = 0
         self._closed = False
 
     @classmethod
@@ -149,8 +153,33 @@ class SqliteRuleStore(SqlRuleStore):
     def _write(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._writer, "BEGIN IMMEDIATE")
 
+    def _pick_reader(self) -> _Conn:
+        # an idle reader if there is one, else the next in turn (WAL: readers never block
+        # the writer nor each other)
+        conn = next((c for c in self._readers if not c.lock.locked()), None)
+        if conn is None:
+            self._next_reader = (self._next_reader + 1) % len(self._readers)
+            conn = self._readers[self._next_reader]
+        return conn
+
     def _read(self) -> AbstractAsyncContextManager[Tx]:
-        return self._tx(self._reader, "BEGIN DEFERRED")
+        return self._tx(self._pick_reader(), "BEGIN DEFERRED")
+
+    async def _read_all(self, *queries: tuple[str, Sequence[object]]) -> list[list[Row]]:
+        """The whole read transaction in one trip to the connection's thread."""
+        if self._closed:
+            raise UnavailableError("rule store is closed", reason="RULE_STORE_CLOSED")
+
+        def run(c: sqlite3.Connection) -> list[list[Row]]:
+            c.execute("BEGIN DEFERRED")
+            try:
+                return [c.execute(sql, tuple(params)).fetchall() for sql, params in queries]
+            finally:
+                c.execute("COMMIT")
+
+        conn = self._pick_reader()
+        async with conn.lock:
+            return await asyncio.shield(conn.run(run))
 
     def _migration_lock(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._writer, "BEGIN IMMEDIATE")
@@ -159,7 +188,7 @@ class SqliteRuleStore(SqlRuleStore):
         if self._closed:
             return
         self._closed = True
-        for conn in (self._writer, self._reader):
+        for conn in (self._writer, *self._readers):
             async with conn.lock:
                 await conn.close()
 

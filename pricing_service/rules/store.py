@@ -247,6 +247,11 @@ class SqlRuleStore(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def _read_all(self, *queries: tuple[str, Sequence[object]]) -> list[list[Row]]:
+        """Every query's rows, all from one snapshot (one read-only transaction)."""
+        async with self._read() as tx:
+            return [await tx.fetchall(sql, params) for sql, params in queries]
+
     # --- schema ---------------------------------------------------------------------------
     async def migrate(self) -> list[int]:
         applied: list[int] = []
@@ -273,9 +278,8 @@ class SqlRuleStore(ABC):
         return applied
 
     async def schema_version(self) -> int:
-        async with self._read() as tx:
-            row = await tx.fetchone("SELECT MAX(version) FROM schema_migrations")
-        return int(row[0]) if row and row[0] is not None else 0
+        [rows] = await self._read_all(("SELECT MAX(version) FROM schema_migrations", ()))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
 
     # --- writes ---------------------------------------------------------------------------
     async def upsert(self, rule: Rule, actor: str) -> tuple[Rule, bool]:
@@ -461,13 +465,12 @@ class SqlRuleStore(ABC):
 
     # --- reads ----------------------------------------------------------------------------
     async def get(self, rule_id: str) -> Rule:
-        async with self._read() as tx:
-            row = await tx.fetchone(
-                f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,)
-            )
-        if row is None:
+        [rows] = await self._read_all(
+            (f"SELECT {RULE_COLUMNS} FROM rules WHERE rule_id = ?", (rule_id,))
+        )
+        if not rows:
             raise refusal(NotFoundError, "rule_id", f"no rule {rule_id!r}", "RULE_NOT_FOUND")
-        return rule_from_row(row)
+        return rule_from_row(rows[0])
 
     async def list_rules(
         self, seller_id: str, item_id: str, page_size: int, page_token: str
@@ -494,8 +497,7 @@ class SqlRuleStore(ABC):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seller_id, item_id, crowd_kind LIMIT ?"
         params.append(page_size + 1)
-        async with self._read() as tx:
-            rows = await tx.fetchall(sql, params)
+        [rows] = await self._read_all((sql, params))
         rules = [rule_from_row(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
@@ -506,35 +508,32 @@ class SqlRuleStore(ABC):
         return rules, token
 
     async def rules_for_item(self, item_id: str) -> tuple[list[Rule], int]:
-        async with self._read() as tx:
-            rev = await tx.fetchone("SELECT revision FROM rule_meta WHERE id = 1")
-            rows = await tx.fetchall(
-                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? ORDER BY crowd_kind",
-                (item_id,),
-            )
-        return [rule_from_row(r) for r in rows], int(rev[0]) if rev else 0
+        rev, rows = await self._read_all(
+            ("SELECT revision FROM rule_meta WHERE id = 1", ()),
+            (f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? ORDER BY crowd_kind", (item_id,)),
+        )
+        return [rule_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
 
     async def current_revision(self) -> int:
-        async with self._read() as tx:
-            row = await tx.fetchone("SELECT revision FROM rule_meta WHERE id = 1")
-        return int(row[0]) if row else 0
+        [rev] = await self._read_all(("SELECT revision FROM rule_meta WHERE id = 1", ()))
+        return int(rev[0][0]) if rev else 0
 
     async def changes_since(self, revision: int, limit: int) -> list[RuleChange]:
-        async with self._read() as tx:
-            rows = await tx.fetchall(
+        [rows] = await self._read_all(
+            (
                 f"SELECT {CHANGE_COLUMNS} FROM rule_changes WHERE revision > ?"
                 " ORDER BY revision LIMIT ?",
                 (revision, limit),
             )
+        )
         return [change_from_row(r) for r in rows]
 
     async def load_all(self) -> tuple[list[Rule], int]:
-        async with self._read() as tx:
-            rev = await tx.fetchone("SELECT revision FROM rule_meta WHERE id = 1")
-            rows = await tx.fetchall(
-                f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind"
-            )
-        return [rule_from_row(r) for r in rows], int(rev[0]) if rev else 0
+        rev, rows = await self._read_all(
+            ("SELECT revision FROM rule_meta WHERE id = 1", ()),
+            (f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind", ()),
+        )
+        return [rule_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
 
     async def history(
         self, seller_id: str, item_id: str, page_size: int, page_token: str
@@ -554,12 +553,13 @@ class SqlRuleStore(ABC):
             where.append("revision < ?")
             params.append(pos[0])
         params.append(page_size + 1)
-        async with self._read() as tx:
-            rows = await tx.fetchall(
+        [rows] = await self._read_all(
+            (
                 f"SELECT {CHANGE_COLUMNS} FROM rule_changes WHERE {' AND '.join(where)}"
                 " ORDER BY revision DESC LIMIT ?",
                 params,
             )
+        )
         changes = [change_from_row(r) for r in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
