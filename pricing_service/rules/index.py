@@ -23,7 +23,6 @@ import structlog
 
 from pricing_service.config import Settings
 from pricing_service.domain import Clock, CrowdKind, Rule
-from pricing_service.errors import PricingError
 from pricing_service.metrics import Metrics
 from pricing_service.rules.store import RuleChange, RuleStore
 
@@ -175,9 +174,7 @@ class RuleIndex:
                 if self._failing:
                     self._failing = False
                     log.info("rule_index_recovered", revision=self._revision)
-            except (PricingError, OSError) as exc:
-                self._outage(exc)
-            except Exception as exc:  # a driver error we did not map: keep serving anyway
+            except Exception as exc:  # store errors, mapped or not: keep serving what we have
                 self._outage(exc)
             if self._metrics is not None and self._last_sync_ms:
                 self._metrics.rule_index_age.set(max(self.age_ms, 0) / 1000)
@@ -196,8 +193,8 @@ class RuleIndex:
     async def __aenter__(self) -> RuleIndex:
         try:
             await self.load()
-        except (PricingError, OSError) as exc:
-            self._outage(exc)  # serve NOT_SERVING (loaded=False) and keep trying
+        except Exception as exc:  # the loop below keeps trying; health stays NOT_SERVING
+            self._outage(exc)
         self._task = asyncio.create_task(self.run(), name="rule-index-refresh")
         return self
 
