@@ -25,7 +25,16 @@ seconds from the fact to the record's expiry (``expires_ms = version_ms + ttl_s 
 :data:`MAX_TTL_S`), ``tombstone`` 1 for an unfollow's tombstone. Versions must fall between
 :data:`EPOCH_MS` (2024-01-01) and about 2053; a fact older than the epoch is long expired anyway.
 The Lua script compares records with Lua doubles, which are exact below 2**53: it splits the
-decimal string instead of doing 64-bit arithmetic.
+decimal string instead of doing 64-bit arithmetic. Expiries are whole seconds after the version
+(a requested expiry is rounded *up* to the next second). A value that is not a canonical decimal
+of 8..19 digits fitting an int64 is corrupt: reads treat it as absent, the next write drops it.
+
+Writes (:data:`APPLY_LUA`, one call per buyer, all of a call's writes in order): first every
+expired (``expires <= now``) or corrupt field of the buyer is dropped; a conditional write
+(purchase) applies only while its condition crowd is a live member record; a write applies when
+there is no record or it is greater in the order ``(version, tombstone, expiry)``; an applied
+record that is already expired is removed; the key's PEXPIREAT is the latest live field expiry.
+The order is total, so replays and any arrival order of unconditional writes end in one state.
 """
 
 from __future__ import annotations
@@ -48,6 +57,10 @@ _KIND_LETTER: Final = {
 }
 _LETTER_KIND: Final = {v: k for k, v in _KIND_LETTER.items()}
 _NUMERIC_SELLER = re.compile(r"[1-9][0-9]{0,14}")
+_NUMERIC_FIELD = re.compile(r"[1-9][0-9]*")
+#: A well-formed value: a canonical positive decimal of 8 to 19 digits that fits an int64.
+_VALUE = re.compile(rb"[1-9][0-9]{7,18}")
+_INT64_MAX: Final = 2**63 - 1
 
 
 class LayoutError(ValueError):
@@ -102,6 +115,8 @@ class MembershipLayout:
     @staticmethod
     def crowd_field(crowd: Crowd) -> str:
         s = crowd.seller_id
+        if not s:
+            raise LayoutError("empty seller id")
         if _NUMERIC_SELLER.fullmatch(s):
             return str(int(s) * 4 + int(crowd.kind))
         return _KIND_LETTER[crowd.kind] + s
@@ -111,12 +126,13 @@ class MembershipLayout:
         f = field.decode() if isinstance(field, bytes) else field
         if not f:
             raise LayoutError("empty crowd field")
-        if f[0].isdigit():
-            n = int(f)
-            code = n % 4
-            if code == 0:
+        if "0" <= f[0] <= "9":
+            if not _NUMERIC_FIELD.fullmatch(f):
                 raise LayoutError(f"bad crowd field {f!r}")
-            return Crowd(str(n // 4), CrowdKind(code))
+            seller, code = divmod(int(f), 4)
+            if code == 0 or seller == 0 or not _NUMERIC_SELLER.fullmatch(str(seller)):
+                raise LayoutError(f"bad crowd field {f!r}")
+            return Crowd(str(seller), CrowdKind(code))
         kind = _LETTER_KIND.get(f[0])
         if kind is None or len(f) < 2:
             raise LayoutError(f"bad crowd field {f!r}")
@@ -134,11 +150,17 @@ class MembershipLayout:
 
     @staticmethod
     def decode(value: str | bytes | int) -> Record:
-        try:
-            n = int(value)
-        except (TypeError, ValueError):
-            raise LayoutError(f"bad membership value {value!r}") from None
-        if n < LOW:
+        """Parse a stored value; anything but a canonical in-range decimal is a LayoutError.
+
+        Exactly the values the Lua script's ``parse`` accepts (the two must agree).
+        """
+        if isinstance(value, int):
+            raw = str(value).encode()
+        elif isinstance(value, str):
+            raw = value.encode("utf-8", "replace")
+        else:
+            raw = value
+        if not _VALUE.fullmatch(raw) or (n := int(raw)) > _INT64_MAX:
             raise LayoutError(f"bad membership value {value!r}")
         off, low = divmod(n, LOW)
         version = EPOCH_MS + off
@@ -151,9 +173,11 @@ class MembershipLayout:
 #: KEYS[1] = buyer hash; ARGV[1] = now (ms since EPOCH_MS);
 #: then triples: field, encoded value, condition field ('' = none: else the write applies only
 #: while that field is a live member, e.g. purchased_fans needs a current all_fans).
-#: Expired and undecodable fields are dropped first; a write applies only if its version is newer
-#: (equal versions: tombstone wins); a winning record that is already expired is deleted; the key
-#: expires at the latest remaining field expiry. Returns {applied, stale, condition_unmet}.
+#: Expired and undecodable fields are dropped first; a write applies only if it is greater in the
+#: order (version, tombstone, expiry): a newer version wins, on equal versions the tombstone wins,
+#: and on equal version and state the later expiry wins (so the result never depends on arrival
+#: order). A winning record that is already expired is deleted; the key expires at the latest
+#: remaining field expiry. Returns {applied, stale, condition_unmet}.
 APPLY_LUA: Final = (
     """
 local EPOCH_MS = %EPOCH%
@@ -164,7 +188,8 @@ local cur = {}
 local drop = {}
 local function parse(v)
   local n = #v
-  if n < 8 then return nil end
+  if n < 8 or n > 19 or string.find(v, '^[1-9]%d*$') == nil then return nil end
+  if n == 19 and v > '9223372036854775807' then return nil end
   local ver = tonumber(string.sub(v, 1, n - 7))
   local low = tonumber(string.sub(v, n - 6))
   if ver == nil or low == nil then return nil end
@@ -191,7 +216,8 @@ for i = 2, #ARGV, 3 do
     stale = stale + 1
   elseif c ~= '' and (cond == nil or cond[2] == 1) then
     unmet = unmet + 1
-  elseif old ~= nil and (ver < old[1] or (ver == old[1] and tomb <= old[2])) then
+  elseif old ~= nil and not (ver > old[1] or (ver == old[1] and (tomb > old[2]
+      or (tomb == old[2] and exp > old[3])))) then
     stale = stale + 1
   else
     applied = applied + 1

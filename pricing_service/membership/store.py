@@ -134,7 +134,13 @@ class MembershipStore:
     async def raw_records(
         self, user_id: str, crowds: Sequence[Crowd], *, redis: aioredis.Redis | None = None
     ) -> list[bytes | None]:
-        """One ``HMGET`` for all ``crowds``; raises on Redis errors other than a wrong type."""
+        """One ``HMGET`` for all ``crowds`` (``None`` where there is no field).
+
+        A key of the wrong type reads as all ``None`` (anomaly ``wrong_type``); a reply with no
+        field at all - nearly always a missing key: a buyer without memberships, or lost data -
+        is counted as ``no_record``. Every other Redis error (connection refused, timeout, ...)
+        propagates: the caller decides whether to degrade or refuse.
+        """
         if not crowds:
             return []
         client = redis or self.redis
@@ -148,6 +154,8 @@ class MembershipStore:
                 self._anomaly("wrong_type")
                 return [None] * len(crowds)
             raise
+        if all(v is None for v in values):
+            self._anomaly("no_record")
         return values
 
     async def records(
@@ -181,7 +189,10 @@ class MembershipStore:
         (both kinds mean "follows the seller and ..."), so an unfollow's all_fans tombstone
         ends every crowd of that seller even if the other tombstones were outrun.
         A missing key, a tombstone, an expired record, a corrupt value or a key of the wrong
-        type all read as "not a member" (the last two counted as anomalies).
+        type all read as "not a member", never as an exception (counted as anomalies
+        ``no_record``, ``corrupt_value``, ``wrong_type``). Redis being unreachable is *not*
+        swallowed: ``redis.exceptions.ConnectionError``/``TimeoutError`` reach the caller, which
+        alone knows whether to degrade (search) or refuse (checkout).
         """
         if not crowds:
             return frozenset()
