@@ -22,6 +22,9 @@ from pricing_service.membership.layout import (
     Record,
 )
 
+#: Crowd fields memoised by :meth:`MembershipStore.member_crowds` (cleared when full).
+FIELD_CACHE_SIZE = 65_536
+
 
 class AnomalySink(Protocol):
     """Receives counts of reads that found something unexpected (metric hook)."""
@@ -67,6 +70,7 @@ class MembershipStore:
         self.anomaly_counts: collections.Counter[str] = collections.Counter()
         self._script = APPLY_LUA
         self._sha: str | None = None
+        self._fields: dict[tuple[str, CrowdKind], bytes] = {}
 
     # --- writes --------------------------------------------------------------------------
     async def load_script(self) -> str:
@@ -143,8 +147,14 @@ class MembershipStore:
         """
         if not crowds:
             return []
+        field_of = self.layout.crowd_field
+        return await self._hmget(user_id, [field_of(c) for c in crowds], redis)
+
+    async def _hmget(
+        self, user_id: str, fields: Sequence[str | bytes], redis: aioredis.Redis | None
+    ) -> list[bytes | None]:
+        """The ``HMGET`` of :meth:`raw_records`, by field, with its anomaly accounting."""
         client = redis or self.redis
-        fields = [self.layout.crowd_field(c) for c in crowds]
         try:
             values: list[bytes | None] = await client.hmget(  # type: ignore[assignment]
                 self.layout.user_key(user_id), fields
@@ -152,11 +162,21 @@ class MembershipStore:
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 self._anomaly("wrong_type")
-                return [None] * len(crowds)
+                return [None] * len(fields)
             raise
         if all(v is None for v in values):
             self._anomaly("no_record")
         return values
+
+    def _field(self, seller_id: str, kind: CrowdKind) -> bytes:
+        """The hash field of a crowd, memoised (the page path asks for the same few often)."""
+        key = (seller_id, kind)
+        f = self._fields.get(key)
+        if f is None:
+            if len(self._fields) >= FIELD_CACHE_SIZE:
+                self._fields.clear()
+            f = self._fields[key] = self.layout.crowd_field(Crowd(seller_id, kind)).encode()
+        return f
 
     async def records(
         self, user_id: str, crowds: Sequence[Crowd], *, redis: aioredis.Redis | None = None
@@ -197,11 +217,23 @@ class MembershipStore:
         if not crowds:
             return frozenset()
         now = self.clock.now_ms() if now_ms is None else now_ms
-        wanted = list(dict.fromkeys([*crowds, *(base_crowd(c) for c in crowds)]))
-        values = await self.raw_records(user_id, wanted, redis=redis)
-        live: set[Crowd] = set()
+        # Hot path (every page): fields are memoised bytes and deduplicated as such; no Crowd is
+        # built or hashed per field.
+        field_of = self._field
+        all_fans = CrowdKind.ALL_FANS
+        asked: list[tuple[Crowd, bytes, bytes]] = []
+        wanted: dict[bytes, None] = {}
+        for c in crowds:
+            f = field_of(c.seller_id, c.kind)
+            base = field_of(c.seller_id, all_fans)
+            asked.append((c, f, base))
+            wanted[f] = None
+            wanted[base] = None
+        fields = list(wanted)
+        values = await self._hmget(user_id, fields, redis)
+        live: set[bytes] = set()
         decode = self.layout.decode
-        for crowd, raw in zip(wanted, values, strict=True):
+        for f, raw in zip(fields, values, strict=True):
             if raw is None:
                 continue
             try:
@@ -210,8 +242,8 @@ class MembershipStore:
                 self._anomaly("corrupt_value")
                 continue
             if rec.is_member(now):
-                live.add(crowd)
-        return frozenset(c for c in crowds if c in live and base_crowd(c) in live)
+                live.add(f)
+        return frozenset([c for c, f, base in asked if f in live and base in live])
 
     async def all_records(self, user_id: str) -> dict[Crowd, Record]:
         """Every decodable record of a buyer (diagnostics and tests; not on the hot path)."""
