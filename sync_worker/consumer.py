@@ -243,6 +243,7 @@ class StreamConsumer:
         self._wm_compute = _Scripts(self.redis, WATERMARK_LUA)
         self._wm_set = _Scripts(self.redis, SET_MAX_LUA)
         self._stop = asyncio.Event()
+        self._wm_stop = asyncio.Event()
         self._in_hand: list[Entry] = []
         self._setup_needed = True
         self._next_reclaim = 0.0
@@ -276,6 +277,7 @@ class StreamConsumer:
     async def run(self) -> None:
         """Consume until :meth:`shutdown`; survives Redis outages."""
         self.running = True
+        self._wm_stop.clear()
         log.info(
             "stream_consumer_started",
             stream=self.stream,
@@ -303,9 +305,12 @@ class StreamConsumer:
                     await self._process(self._in_hand)
                     self._in_hand = []
         finally:
-            wm_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await wm_task
+            # not Task.cancel(): redis-py may swallow a cancellation that lands inside a command
+            self._wm_stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(wm_task), 10)
+            if not wm_task.done():
+                wm_task.cancel()
             with contextlib.suppress(*OUTAGE_ERRORS, ResponseError):
                 await self.update_watermark()
             self.running = False
@@ -510,8 +515,11 @@ class StreamConsumer:
 
     async def _watermark_loop(self) -> None:
         next_progress = time.monotonic() + self.progress_interval_s
-        while True:
-            await asyncio.sleep(self.watermark_interval_s)
+        while not self._wm_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wm_stop.wait(), self.watermark_interval_s)
+            if self._wm_stop.is_set():
+                return
             try:
                 await self.update_watermark()
                 if self.trim_retention_ms is not None and self.stats.watermark_ms > 0:

@@ -178,6 +178,10 @@ def event_from_json(obj: Any, *, line: int = 0) -> events_pb2.RelationEvent:
     event_id = obj.get("event_id")
     if event_id is not None and not isinstance(event_id, str):
         raise InvalidArgumentError.field(f"{where}event_id", "must be a string", "NOT_A_STRING")
+    if obj["type"].lower() not in TYPE_NAMES:
+        raise InvalidArgumentError.field(
+            f"{where}type", f"{obj['type']!r} is not one of {sorted(TYPE_NAMES)}", "UNKNOWN_TYPE"
+        )
     return make_event(obj["type"], obj["user_id"], obj["seller_id"], occurred, event_id=event_id)
 
 

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -203,7 +204,6 @@ class RowParser:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.samples: list[dict[str, Any]] = []
         self._sampled: collections.Counter[str] = collections.Counter()
-        self.ts_cache: dict[str, int] = {}
 
     def reject(self, reason: str, part: str, row_no: int, raw: object) -> None:
         self.rejected[reason] += 1
@@ -213,17 +213,12 @@ class RowParser:
             self.samples.append(sample)
             log.warning("snapshot_row_rejected", **sample)
 
-    def followed_ms(self, text: str) -> int | None:
-        ms = self.ts_cache.get(text)
-        if ms is None:
-            try:
-                ms = parse_rfc3339_ms(text)
-            except TimeFormatError:
-                return None
-            if len(self.ts_cache) > 100_000:
-                self.ts_cache.clear()
-            self.ts_cache[text] = ms
-        return ms
+    @staticmethod
+    def followed_ms(text: str) -> int | None:
+        try:
+            return parse_rfc3339_ms(text)
+        except TimeFormatError:
+            return None
 
     def row(
         self,
@@ -298,6 +293,15 @@ class Batch:
 
 def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
     name = path.name
+    # The hot loop: a fast path for well-formed rows; anything else goes to RowParser.row,
+    # which accepts or classifies it with the full rules.
+    fromiso = datetime.fromisoformat
+    cut = parser.cut_ms
+    latest = cut + CLOCK_SKEW_MS
+    max_len = parser.max_id_length
+    ttls = parser.ttls
+    derive_row = snapshot_row
+    slow = parser.row
     with path.open(newline="", encoding="utf-8") as f:
         reader = _csv_rows(f, path)
         pos = 0
@@ -308,14 +312,35 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
         writes: list[MembershipWrite] = []
         n = 0
         before = parser.rejected.copy()
-        row = parser.row
         for rec in reader:
             pos += 1
             n += 1
-            if len(rec) == 4:
-                row(rec[0], rec[1], rec[2], rec[3], name, pos, writes)
-            else:
+            if len(rec) != 4:
                 parser.reject("WRONG_COLUMN_COUNT", name, pos, rec)
+            else:
+                user, seller, followed, count = rec
+                if (
+                    0 < len(user) <= max_len
+                    and 0 < len(seller) <= max_len
+                    and len(followed) >= 20
+                    and count.isdecimal()
+                    and user.isprintable()
+                    and seller.isprintable()
+                    and followed[10] in "Tt "
+                ):
+                    try:
+                        dt = fromiso(followed)
+                    except ValueError:
+                        dt = None
+                    if dt is not None and dt.tzinfo is not None:
+                        f_ms = round(dt.timestamp() * 1_000_000) // 1000
+                        if f_ms <= latest:
+                            writes.extend(derive_row(user, seller, f_ms, int(count), cut, ttls))
+                            if n >= batch_rows:
+                                yield Batch(name, pos, n, writes, parser.rejected - before)
+                                writes, n, before = [], 0, parser.rejected.copy()
+                            continue
+                slow(user, seller, followed, count, name, pos, writes)
             if n >= batch_rows:
                 yield Batch(name, pos, n, writes, parser.rejected - before)
                 writes, n, before = [], 0, parser.rejected.copy()

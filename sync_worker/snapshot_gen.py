@@ -146,10 +146,13 @@ def realistic_rows(
             k = rng.randint(10, 60)
         else:
             k = rng.randint(100, 500)
-        k = min(k, n_rows - emitted)
+        k = min(k, n_rows - emitted, sellers)
         chosen: set[int] = set()
         while len(chosen) < k:
-            chosen.add(int(rng.paretovariate(1.2) * 7) % sellers + 1)
+            if rng.random() < 0.7:  # popular sellers
+                chosen.add(int(rng.paretovariate(1.2) * 7) % sellers + 1)
+            else:
+                chosen.add(rng.randrange(sellers) + 1)
         uid = f"{user_prefix}{user}"
         for s in sorted(chosen):
             followed = snapshot_time_ms - rng.randrange(1, 730) * DAY_MS - rng.randrange(DAY_MS)

@@ -1,0 +1,394 @@
+"""Snapshot loading against real Redis: validation, checkpoints, crashes, races, parallel parts."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from pricing_service.config import Settings, load_settings
+from pricing_service.domain import Crowd, CrowdKind, SystemClock
+from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, PricingError
+from pricing_service.membership.derive import DAY_MS, Ttls, snapshot_row, unfollow
+from pricing_service.membership.layout import MembershipLayout
+from pricing_service.membership.store import MembershipStore
+from sync_worker.events import EventPublisher, make_event
+from sync_worker.snapshot import SnapshotLoader
+from sync_worker.snapshot_gen import SnapshotRow, realistic_rows, write_snapshot
+from tests.integration.test_sync_model import Model, cli, cli_env, popen, redis_state
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+HOUR_MS = 3_600_000
+
+
+def now_ms() -> int:
+    return SystemClock().now_ms()
+
+
+def make_settings(url: str, ns: str, **kw: object) -> Settings:
+    return load_settings(redis_url=url, redis_namespace=ns, **kw)
+
+
+def ttls(s: Settings) -> Ttls:
+    return Ttls.from_seconds(s.membership_ttl_s, s.tombstone_ttl_s, s.old_fan_min_days)
+
+
+def model_of(rows: list[SnapshotRow], cut: int, s: Settings) -> Model:
+    m = Model()
+    for r in rows:
+        m.apply(
+            snapshot_row(r.user_id, r.seller_id, r.followed_at_ms, r.purchase_count, cut, ttls(s)),
+            now_ms(),
+        )
+    return m
+
+
+def keys_in(url: str, ns: str) -> list[bytes]:
+    c = redis.Redis.from_url(url)
+    try:
+        return list(c.scan_iter(match=f"{ns}*", count=1000))
+    finally:
+        c.close()
+
+
+async def load(s: Settings, directory: Path, **kw: object) -> dict[str, object]:
+    client = aioredis.Redis.from_url(s.redis_url, socket_timeout=10)
+    try:
+        report = await SnapshotLoader(s, client, **kw).load(directory)  # type: ignore[arg-type]
+        return report.as_dict()
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def cut() -> int:
+    return now_ms() - HOUR_MS
+
+
+@pytest.fixture
+def rows(cut: int) -> list[SnapshotRow]:
+    return list(realistic_rows(3000, cut, seed=3, sellers=300))
+
+
+# --- loading -------------------------------------------------------------------------------------
+async def test_load_matches_the_model_and_a_second_load_changes_nothing(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int, rows: list[SnapshotRow]
+) -> None:
+    s = make_settings(redis_url, namespace)
+    write_snapshot(tmp_path, rows, cut, part_rows=1000)
+    report = await load(s, tmp_path, batch_rows=250)
+    assert report["status"] == "loaded"
+    assert report["rows_read"] == len(rows)
+    assert report["rejected"] == {}
+    model = model_of(rows, cut, s).live(now_ms())
+    assert report["memberships_written"] == len(model)
+    state = redis_state(redis_url, namespace, now_ms())
+    assert state == model
+    assert all(r.version_ms == cut and r.expires_ms == cut + s.membership_ttl_s * 1000
+               for r in state.values())  # fmt: skip
+    old = [k for k in state if k[1].kind == CrowdKind.OLD_FANS]
+    assert old, "the generated snapshot has old fans"
+
+    again = await load(s, tmp_path)
+    assert again["status"] == "already_loaded"
+    assert again["memberships_written"] == 0
+    assert redis_state(redis_url, namespace, now_ms()) == state
+
+
+async def test_parquet_parts_load_like_csv(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int, rows: list[SnapshotRow]
+) -> None:
+    s = make_settings(redis_url, namespace)
+    write_snapshot(tmp_path, rows, cut, part_rows=1200, fmt="parquet")
+    report = await load(s, tmp_path, batch_rows=500)
+    assert report["status"] == "loaded"
+    assert report["rows_read"] == len(rows)
+    assert redis_state(redis_url, namespace, now_ms()) == model_of(rows, cut, s).live(now_ms())
+
+
+async def test_replaying_a_loaded_snapshot_without_checkpoints_is_harmless(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int, rows: list[SnapshotRow]
+) -> None:
+    s = make_settings(redis_url, namespace)
+    write_snapshot(tmp_path, rows, cut, part_rows=1000)
+    await load(s, tmp_path)
+    state = redis_state(redis_url, namespace, now_ms())
+    c = redis.Redis.from_url(redis_url)
+    c.delete(*c.scan_iter(match=f"{namespace}sync:snapshot:*"))
+    c.close()
+    report = await load(s, tmp_path)
+    assert report["status"] == "loaded"
+    assert report["memberships_written"] == 0
+    assert report["skipped_stale"] == len(state)
+    assert redis_state(redis_url, namespace, now_ms()) == state
+
+
+# --- refusals: nothing written -------------------------------------------------------------------
+def _write_manifest(d: Path, **doc: object) -> None:
+    (d / "manifest.json").write_text(json.dumps(doc))
+
+
+def _csv(d: Path, name: str, lines: list[str]) -> None:
+    (d / name).write_text(
+        "\n".join(["user_id,seller_id,followed_at,purchase_count", *lines]) + "\n"
+    )
+
+
+GOOD_ROW = "u1,42,2025-06-01T00:00:00Z,1"
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("no_manifest", "MISSING_MANIFEST"),
+        ("bad_json", "BAD_MANIFEST"),
+        ("no_time", "BAD_SNAPSHOT_TIME"),
+        ("naive_time", "BAD_SNAPSHOT_TIME"),
+        ("no_files", "BAD_FILES"),
+        ("missing_part", "MISSING_PART"),
+        ("path_escape", "BAD_FILES"),
+        ("bad_format", "BAD_FORMAT"),
+        ("rows_mismatch", "ROW_COUNT_MISMATCH"),
+        ("bad_rows", "BAD_ROWS"),
+        ("bad_header", "BAD_HEADER"),
+        ("stale", "SNAPSHOT_TOO_OLD"),
+        ("future", "SNAPSHOT_IN_FUTURE"),
+    ],
+)
+async def test_bad_snapshots_are_refused_before_any_write(
+    redis_url: str, namespace: str, tmp_path: Path, setup: str, reason: str
+) -> None:
+    s = make_settings(redis_url, namespace)
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    _csv(tmp_path, "p0.csv", [GOOD_ROW, "u2,42,2025-06-01T00:00:00Z,0"])
+    _csv(tmp_path, "p1.csv", ["u3,42,2025-06-01T00:00:00Z,0"])
+    doc: dict[str, object] = {"snapshot_time": fresh, "files": ["p0.csv", "p1.csv"], "rows": 3}
+    if setup == "no_manifest":
+        doc = {}
+    elif setup == "bad_json":
+        (tmp_path / "manifest.json").write_text("{")
+    elif setup == "no_time":
+        del doc["snapshot_time"]
+    elif setup == "naive_time":
+        doc["snapshot_time"] = fresh.rstrip("Z")
+    elif setup == "no_files":
+        doc["files"] = []
+    elif setup == "missing_part":
+        doc["files"] = ["p0.csv", "p9.csv"]
+    elif setup == "path_escape":
+        doc["files"] = ["../p0.csv"]
+    elif setup == "bad_format":
+        (tmp_path / "p2.txt").write_text("x")
+        doc["files"] = ["p0.csv", "p2.txt"]
+    elif setup == "rows_mismatch":
+        doc["rows"] = 4
+    elif setup == "bad_rows":
+        doc["rows"] = -1
+    elif setup == "bad_header":
+        (tmp_path / "p1.csv").write_text("user,seller,at,count\nu3,42,2025-06-01T00:00:00Z,0\n")
+    elif setup == "stale":
+        doc["snapshot_time"] = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - s.snapshot_max_age_s - 60)
+        )
+    elif setup == "future":
+        doc["snapshot_time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    if doc and setup != "bad_json":
+        _write_manifest(tmp_path, **doc)
+    with pytest.raises(PricingError) as exc:
+        await load(s, tmp_path)
+    assert exc.value.reason == reason
+    assert isinstance(exc.value, InvalidArgumentError | FailedPreconditionError)
+    assert keys_in(redis_url, namespace) == []
+
+
+def test_cli_refusal_exits_non_zero_and_says_why(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    old = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 40 * 3600))
+    _csv(tmp_path, "p0.csv", [GOOD_ROW])
+    _write_manifest(tmp_path, snapshot_time=old, files=["p0.csv"], rows=1)
+    res = cli("load-snapshot", str(tmp_path), env=cli_env(redis_url, namespace))
+    assert res.returncode == 1
+    assert "SNAPSHOT_TOO_OLD" in res.stderr
+    assert keys_in(redis_url, namespace) == []
+
+
+# --- malformed rows ------------------------------------------------------------------------------
+def test_malformed_rows_are_skipped_and_counted(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    good = [f"u{i},42,2025-06-01T00:00:00Z,{i % 3}" for i in range(300)]
+    bad = [",42,2025-06-01T00:00:00Z,1", "u9,42,yesterday,1", "u9,42,2025-06-01T00:00:00Z,-2"]
+    _csv(tmp_path, "p0.csv", good[:150] + bad + good[150:])
+    _write_manifest(tmp_path, snapshot_time=fresh, files=["p0.csv"], rows=303)
+    env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_MAX_ERROR_RATE="0.02")
+    res = cli("load-snapshot", str(tmp_path), env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["rows_read"] == 303
+    assert report["rejected"] == {
+        "MISSING_USER_ID": 1,
+        "BAD_FOLLOWED_AT": 1,
+        "NEGATIVE_PURCHASE_COUNT": 1,
+    }
+    # all_fans + old_fans (followed long before the cut) + purchased_fans (i % 3 != 0)
+    assert report["memberships_written"] == 300 + 300 + 200
+    assert "snapshot_row_rejected" in res.stderr  # a sample is logged
+
+
+def test_too_many_malformed_rows_stop_the_load(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 3600))
+    lines = [f"u{i},42,2025-06-01T00:00:00Z,0" for i in range(2000)]
+    for i in range(100, 2000, 50):
+        lines[i] = f"u{i},42,not-a-time,0"  # 38 bad rows = 1.9% > 1% default
+    _csv(tmp_path, "p0.csv", lines)
+    _write_manifest(tmp_path, snapshot_time=fresh, files=["p0.csv"], rows=2000)
+    env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_BATCH_ROWS="200")
+    res = cli("load-snapshot", str(tmp_path), env=env)
+    assert res.returncode == 1
+    assert "PRICING_SNAPSHOT_MAX_ERROR_RATE" in res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["status"] == "error_rate_exceeded"
+    assert report["rows_read"] < 2000  # stopped early, once the budget of 20 was exceeded
+    assert report["rejected"]["BAD_FOLLOWED_AT"] > 20
+
+
+# --- crashes -------------------------------------------------------------------------------------
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted_load(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int
+) -> None:
+    rows = list(realistic_rows(40_000, cut, seed=11, sellers=2000))
+    write_snapshot(tmp_path, rows, cut, part_rows=10_000)
+    env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_BATCH_ROWS="400")
+    rng = random.Random(5)
+    kills = 0
+    for _attempt in range(30):
+        proc = popen("load-snapshot", str(tmp_path), "--no-progress", env=env)
+        try:
+            proc.wait(timeout=rng.uniform(0.8, 2.0))
+        except Exception:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            kills += 1
+            continue
+        finally:
+            assert proc.stdout is not None and proc.stderr is not None
+            out = proc.stdout.read()
+            proc.stdout.close()
+            proc.stderr.close()
+        assert proc.returncode == 0, out
+        break
+    else:
+        pytest.fail("the load never finished")
+    assert kills >= 1, "the test never killed the loader; make the snapshot bigger"
+    s = make_settings(redis_url, namespace)
+    assert redis_state(redis_url, namespace, now_ms()) == model_of(rows, cut, s).live(now_ms())
+    res = cli("load-snapshot", str(tmp_path), env=env)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["status"] == "already_loaded"
+
+
+# --- parallel parts ------------------------------------------------------------------------------
+def test_parts_loaded_by_concurrent_processes(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int
+) -> None:
+    rows = list(realistic_rows(12_000, cut, seed=12, sellers=500))
+    write_snapshot(tmp_path, rows, cut, part_rows=2000)
+    env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_BATCH_ROWS="500")
+    procs = [
+        popen("load-snapshot", str(tmp_path), "--worker-index", str(i), "--workers", "3", env=env)
+        for i in range(3)
+    ]
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(sum((r["parts"] for r in reports), [])) == [f"part-{i:05d}.csv" for i in range(6)]
+    assert sum(r["rows_read"] for r in reports) == len(rows)
+    s = make_settings(redis_url, namespace)
+    assert redis_state(redis_url, namespace, now_ms()) == model_of(rows, cut, s).live(now_ms())
+    # the whole snapshot is now checkpointed as loaded, whoever loaded which part
+    res = cli("load-snapshot", str(tmp_path), env=env)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["status"] == "already_loaded"
+
+
+def test_jobs_option_splits_parts_between_processes(
+    redis_url: str, namespace: str, tmp_path: Path, cut: int
+) -> None:
+    rows = list(realistic_rows(6000, cut, seed=13, sellers=500))
+    write_snapshot(tmp_path, rows, cut, part_rows=1500)
+    res = cli("load-snapshot", str(tmp_path), "--jobs", "2", env=cli_env(redis_url, namespace))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (report["jobs"], report["rows_read"], report["status"]) == (2, len(rows), "loaded")
+    s = make_settings(redis_url, namespace)
+    assert redis_state(redis_url, namespace, now_ms()) == model_of(rows, cut, s).live(now_ms())
+
+
+# --- the snapshot/event race ---------------------------------------------------------------------
+async def test_unfollow_after_the_cut_survives_a_later_snapshot_load(
+    redis_url: str, namespace: str, aredis: aioredis.Redis, tmp_path: Path, cut: int
+) -> None:
+    """The event stream applied an unfollow at cut+1; the snapshot (cut) still lists the
+    relation and is loaded afterwards: the unfollow must win. A follow after the cut of a
+    relation missing from the snapshot must survive too (snapshots never delete)."""
+    s = make_settings(redis_url, namespace)
+    store = MembershipStore(aredis, MembershipLayout(namespace), SystemClock())
+    await store.apply(unfollow("gone", "42", cut + 1, ttls(s)))
+    from pricing_service.membership.derive import follow  # noqa: PLC0415
+
+    await store.apply(follow("new", "42", cut + 2, ttls(s)))
+    rows = [
+        SnapshotRow("gone", "42", cut - 60 * DAY_MS, 3),
+        SnapshotRow("kept", "42", cut - DAY_MS, 0),
+    ]
+    write_snapshot(tmp_path, rows, cut)
+    report = await load(s, tmp_path)
+    assert report["skipped_stale"] == 3  # the three crowds of "gone"
+    crowds = [Crowd("42", k) for k in CrowdKind]
+    assert await store.member_crowds("gone", crowds) == frozenset()
+    assert await store.member_crowds("kept", crowds) == {Crowd("42", CrowdKind.ALL_FANS)}
+    assert await store.member_crowds("new", crowds) == {Crowd("42", CrowdKind.ALL_FANS)}
+
+
+async def test_snapshot_then_newer_unfollow_event_removes_membership(
+    redis_url: str, namespace: str, aredis: aioredis.Redis, tmp_path: Path, cut: int
+) -> None:
+    """The other order: snapshot first, then the consumer applies the unfollow (via the stream
+    format, decoded as the consumer does)."""
+    from sync_worker.consumer import StreamConsumer  # noqa: PLC0415
+
+    s = make_settings(
+        redis_url,
+        namespace,
+        events_stream=f"{namespace}events",
+        dead_letter_stream=f"{namespace}dead",
+        stream_block_ms=100,
+    )
+    write_snapshot(tmp_path, [SnapshotRow("u", "42", cut - 60 * DAY_MS, 1)], cut)
+    await load(s, tmp_path)
+    await EventPublisher(aredis, s.events_stream).publish(
+        [make_event("unfollow", "u", "42", cut + 1)]
+    )
+    async with StreamConsumer(s) as consumer:
+        import asyncio  # noqa: PLC0415
+
+        task = asyncio.create_task(consumer.run())
+        for _ in range(100):
+            if consumer.stats.events_applied:
+                break
+            await asyncio.sleep(0.05)
+        consumer.shutdown()
+        await asyncio.wait_for(task, 10)
+    store = MembershipStore(aredis, MembershipLayout(namespace), SystemClock())
+    assert await store.member_crowds("u", [Crowd("42", k) for k in CrowdKind]) == frozenset()
