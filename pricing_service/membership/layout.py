@@ -115,15 +115,16 @@ class MembershipLayout:
     @staticmethod
     def crowd_field(crowd: Crowd) -> str:
         s = crowd.seller_id
-        if not s:
-            raise LayoutError("empty seller id")
         if _NUMERIC_SELLER.fullmatch(s):
             return str(int(s) * 4 + int(crowd.kind))
         return _KIND_LETTER[crowd.kind] + s
 
     @staticmethod
     def field_crowd(field: str | bytes) -> Crowd:
-        f = field.decode() if isinstance(field, bytes) else field
+        try:
+            f = field.decode() if isinstance(field, bytes) else field
+        except UnicodeDecodeError:
+            raise LayoutError(f"bad crowd field {field!r}") from None
         if not f:
             raise LayoutError("empty crowd field")
         if "0" <= f[0] <= "9":
@@ -134,7 +135,7 @@ class MembershipLayout:
                 raise LayoutError(f"bad crowd field {f!r}")
             return Crowd(str(seller), CrowdKind(code))
         kind = _LETTER_KIND.get(f[0])
-        if kind is None or len(f) < 2:
+        if kind is None:
             raise LayoutError(f"bad crowd field {f!r}")
         return Crowd(f[1:], kind)
 
