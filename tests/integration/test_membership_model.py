@@ -191,7 +191,8 @@ class MembershipMachine(RuleBasedStateMachine):
 
     def pick_time(self, data: st.DataObject, dt: int, jitter: int) -> int:
         """A fresh time near the clock, or (often) one already used: equal versions collide."""
-        if self.seen and data.draw(st.booleans(), label="reuse time"):
+        reuse: bool = bool(self.seen) and data.draw(st.booleans(), label="reuse time")
+        if reuse:
             return data.draw(st.sampled_from(sorted(self.seen)), label="time")
         at = self.version(dt, jitter)
         self.seen.add(at)
