@@ -12,6 +12,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pricing_service.domain import Crowd, CrowdKind, Money, Rule
 from pricing_service.errors import InvalidArgumentError
@@ -35,9 +36,8 @@ class Evaluation:
     outcome: Outcome
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The price of one item for one buyer."""
+class Decision(NamedTuple):
+    """The price of one item for one buyer (a tuple: one per item on the hot path, cheap to build)."""
 
     price: Money | None
     rule: Rule | None

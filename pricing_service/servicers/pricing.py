@@ -6,6 +6,8 @@ import grpc
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from pricing_service.auth import check_bearer
+from pricing_service.currency import MAX_AMOUNT_MINOR, is_known
+from pricing_service.domain import Money
 from pricing_service.errors import InvalidArgumentError
 from pricing_service.pricing import PriceQuery, PricingCore
 from pricing_service.servicers.convert import (
@@ -56,11 +58,14 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
             item_id = q.item_id
             if not item_id or len(item_id) > max_id:
                 require_id(item_id, f"items[{i}].item_id", max_id)
-            list_price = (
-                money_from_proto(q.list_price, f"items[{i}].list_price", allow_zero=True)
-                if q.HasField("list_price")
-                else None
-            )
+            list_price = None
+            if q.HasField("list_price"):
+                m = q.list_price
+                code, amount = m.currency_code, m.amount_minor
+                if is_known(code) and 0 <= amount <= MAX_AMOUNT_MINOR:
+                    list_price = Money(code, amount)  # the checks of money_from_proto, inline
+                else:
+                    money_from_proto(m, f"items[{i}].list_price", allow_zero=True)  # raises
             queries.append(PriceQuery(item_id, list_price))
         result = await self.core.batch(
             user_id, queries, explain=request.explain, time_remaining_s=context.time_remaining()
