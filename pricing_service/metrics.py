@@ -51,7 +51,7 @@ class Metrics:
         )
         self.membership_anomalies = Counter(
             "pricing_membership_read_anomalies",
-            "Membership reads that found a corrupt value or a key of the wrong type",
+            "Membership reads answered 'not a member' for want of a record: no_record (none of the page's crowds stored: a buyer with no memberships, or lost data), corrupt_value, wrong_type",
             ["reason"],
             registry=r,
         )
