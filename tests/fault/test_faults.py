@@ -1,0 +1,200 @@
+"""Fault injection: each fault strikes the real processes while load runs, then the final state
+is checked against the model (tests/support/load.py).
+
+Pass means, for every fault: BatchGetLowestPrice kept answering within its deadline (degraded
+where it must), CheckDiscountStrict never answered ELIGIBLE wrongly and refused (UNAVAILABLE)
+while it could not prove, no event lost (every record equals the model, nothing pending, dead
+letters only for poison), no acknowledged rule write lost, no process stuck (every process
+exits 0 on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.fault.conftest import System
+from tests.support.load import Load
+
+pytestmark = pytest.mark.fault
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+async def in_thread(fn: Callable[[], object]) -> None:
+    """Blocking fault actions off the event loop, so the load's clocks keep running."""
+    await asyncio.to_thread(fn)
+
+
+def rows_done(checkpoints: dict[Any, Any]) -> int:
+    return sum(int(json.loads(v)["offset"]) for v in checkpoints.values())
+
+
+def assert_recovered(load: Load, since_ms: float) -> None:
+    """After the fault: batch answers undegraded again, strict answers again."""
+    batch = load.calls_between("BatchGetLowestPrice", since_ms, now_ms())
+    strict = load.calls_between("CheckDiscountStrict", since_ms, now_ms())
+    assert batch and not any(c.degraded for c in batch), (
+        f"{sum(c.degraded for c in batch)}/{len(batch)} batch answers still degraded"
+    )
+    assert strict and all(c.code == "OK" for c in strict), {c.code for c in strict}
+
+
+async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:
+    system, load = running
+    load.start()
+    await asyncio.sleep(1.0)
+    killed = now_ms()
+    await in_thread(system.redis.kill)
+    await asyncio.sleep(1.0)
+    restarted = now_ms()  # (calls from here on may find Redis back)
+    await in_thread(system.redis.start)  # same port, same AOF
+    await asyncio.sleep(2.5)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    during = load.calls_between("BatchGetLowestPrice", killed + 100, restarted)
+    fresh = [(c.user, c.start_ms - killed) for c in during if not c.degraded]
+    assert during and not fresh, f"undegraded answers without Redis: {fresh[:5]} of {len(during)}"
+    refused = load.calls_between("CheckDiscountStrict", killed + 100, restarted)
+    assert refused and all(c.code != "OK" for c in refused), "strict answered without Redis"
+    assert_recovered(load, now_ms() - 1000)
+    assert load.publish_errors > 0, summary  # the producers felt the outage too
+    print(summary)
+
+
+async def test_redis_hung_by_sigstop_then_sigcont(running: tuple[System, Load]) -> None:
+    system, load = running
+    load.start()
+    await asyncio.sleep(1.0)
+    stopped = now_ms()
+    await in_thread(system.redis.pause)
+    await asyncio.sleep(2.0)
+    resuming = now_ms()
+    await in_thread(system.redis.resume)
+    await asyncio.sleep(2.5)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    during = load.calls_between("BatchGetLowestPrice", stopped + 100, resuming)
+    fresh = [(c.user, c.start_ms - stopped) for c in during if not c.degraded]
+    assert during and not fresh, f"undegraded answers from a hung Redis: {fresh[:5]}"
+    hung = load.calls_between("CheckDiscountStrict", stopped + 100, resuming - 1000)
+    assert hung and all(c.code != "OK" for c in hung), "strict answered from a hung Redis"
+    assert_recovered(load, now_ms() - 1000)
+    print(summary)
+
+
+@pytest.mark.parametrize("mode", ["ALL", "WRITE"])
+async def test_client_pause(running: tuple[System, Load], mode: str) -> None:
+    _, load = running
+    load.start()
+    await asyncio.sleep(1.0)
+    paused = now_ms()
+    await load.redis.client_pause(2000, all=mode == "ALL")
+    await asyncio.sleep(2.0)
+    unpaused = paused + 2000
+    await asyncio.sleep(2.5)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    batch = load.calls_between("BatchGetLowestPrice", paused + 100, unpaused - 100)
+    strict = load.calls_between(
+        "CheckDiscountStrict", paused + (100 if mode == "ALL" else 1500), unpaused - 100
+    )
+    if mode == "ALL":  # nothing answers: degrade, refuse
+        assert batch and all(c.degraded for c in batch)
+        assert strict and all(c.code != "OK" for c in strict)
+    else:  # reads answer, but the watermark cannot move: strict refuses once it is too old
+        assert batch and not any(c.degraded for c in batch)
+        assert strict and all(c.code == "UNAVAILABLE" for c in strict), summary
+    assert_recovered(load, now_ms() - 1000)
+    print(summary)
+
+
+async def test_sync_worker_sigkill_mid_stream(running: tuple[System, Load]) -> None:
+    """The consumer dies holding a batch; a new one reclaims it; strict refuses meanwhile."""
+    system, load = running
+    load.start()
+    await asyncio.sleep(0.5)
+    # a backlog, so that the consumer is busy with a batch when it dies
+    burst = [
+        ("follow" if i % 2 == 0 else "unfollow", f"burst{i % 500}", "7", 0) for i in range(4000)
+    ]
+    for i, (kind, user, seller, _) in enumerate(burst):
+        burst[i] = (kind, user, seller, load._fact_time(user))
+    await load._publish(burst, give_up_s=10)
+    deadline = time.monotonic() + 5
+    while (await load.stream_state())["pending"] == 0:
+        assert time.monotonic() < deadline, "the consumer never held a batch"
+        await asyncio.sleep(0.002)
+    victim = system.workers[-1]
+    await in_thread(victim.kill)
+    killed = now_ms()
+    held = (await load.stream_state())["pending"]
+    assert held > 0, "killed between batches; the test wants a batch in hand"
+    await asyncio.sleep(2.0)
+    restarting = now_ms()
+    system.start_worker()
+    await asyncio.sleep(3.0)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    blind = load.calls_between("CheckDiscountStrict", killed + 1300, restarting)
+    assert blind and all(c.code == "UNAVAILABLE" for c in blind), (
+        "strict answered while the worker was dead"
+    )
+    assert_recovered(load, now_ms() - 1000)
+    print(held, summary)
+
+
+async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Load]) -> None:
+    """The snapshot loader dies mid-load while events flow; a rerun resumes; the snapshot
+    (cut before the unfollows) resurrects nobody."""
+    from sync_worker.snapshot_gen import SnapshotRow, write_snapshot  # noqa: PLC0415
+
+    system, load = running
+    cut = int(now_ms()) - 600_000
+    rows = [
+        SnapshotRow(u, "42", cut - (40 if i % 2 else 3) * 86_400_000, i % 2)
+        for i, u in enumerate(load.pop.fans + load.pop.churn)
+    ] + [SnapshotRow(f"snap{i}", str(200 + i % 50), cut - i * 1000, i % 3) for i in range(30_000)]
+    snap = system.tmp / "snapshot"
+    write_snapshot(snap, rows, cut, part_rows=10_000)
+    for r in rows:  # (before the load starts: this blocks the event loop for a while)
+        load.model.snapshot_row(r.user_id, r.seller_id, r.followed_at_ms, r.purchase_count, cut)
+    load.start()
+    await asyncio.sleep(0.5)
+    env = dict(system.env, PRICING_SNAPSHOT_BATCH_ROWS="500")
+    from tests.support.procs import run_sync_worker, sync_worker  # noqa: PLC0415
+
+    loader = sync_worker(env, system.tmp / "loader.log", "load-snapshot", str(snap))
+    ckey = ""
+    deadline = time.monotonic() + 20
+    while True:  # until a few batches are checkpointed: the load is well under way
+        assert loader.alive(), "the loader finished before it was killed:\n" + loader.log()
+        assert time.monotonic() < deadline, loader.log()
+        if not ckey:
+            found = [k async for k in load.redis.scan_iter(f"{system.namespace}sync:snapshot:*")]
+            ckey = found[0].decode() if found else ""
+        if ckey and rows_done(await load.redis.hgetall(ckey)) >= 3000:
+            break
+        await asyncio.sleep(0.005)
+    await in_thread(loader.kill)
+    done = rows_done(await load.redis.hgetall(ckey))
+    assert 3000 <= done < len(rows), done
+    rerun = await asyncio.to_thread(run_sync_worker, env, "load-snapshot", str(snap))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert '"status": "loaded"' in rerun.stdout, rerun.stdout
+    await asyncio.sleep(1.0)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    print(done, summary)

@@ -1,0 +1,710 @@
+"""Mixed load against a running system, with a model of what it must end up as.
+
+Used by the fault suite (``tests/fault``) and the soak benchmark (``bench/soak.py``). A
+:class:`Load` drives the real processes over their public interfaces only: gRPC for
+``BatchGetLowestPrice``, ``CheckDiscountStrict`` and admin upserts, the relation-event stream
+(``XADD``, exactly what an upstream producer does) for follow / unfollow / purchase events.
+
+While it runs it checks every answer against what it knows, and records a
+:class:`Violation` for each answer that breaks a promise:
+
+* ``BatchGetLowestPrice`` answers every call within its deadline (``degraded`` allowed), never
+  discounts a buyer who never followed, and never shows a stable fan the list price unless the
+  answer says ``degraded``;
+* ``CheckDiscountStrict`` never answers ``ELIGIBLE`` for a buyer whose unfollow was
+  acknowledged by the stream more than ``strict_max_lag_ms`` before the call, never answers
+  ``NOT_IN_CROWD`` for a fan whose unfollow was not even attempted, and refuses only with
+  ``UNAVAILABLE`` (or runs out of its deadline);
+* admin upserts fail, if at all, with ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED``.
+
+After the load stops, :meth:`Load.settle` waits for the sync worker to apply everything and
+:meth:`Load.check_final_state` compares Redis with the :class:`MembershipModel` (every record,
+exactly: state, version and expiry, last writer wins by the time of the fact), the stream's
+pending list, the dead letters, and every acknowledged rule write with the rule store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing_service.domain import Crowd, CrowdKind, SystemClock
+from pricing_service.membership import derive
+from pricing_service.membership.derive import MembershipWrite, Ttls
+from pricing_service.membership.layout import MembershipLayout, Record
+from pricing_service.membership.store import MembershipStore
+from sync_worker.events import EVENT_FIELD, make_event
+
+SELLER = "42"
+ITEM = "1001"
+LIST_PRICE = 2500
+FAN_PRICE = 1888
+CURRENCY = "CNY"
+#: Sellers the streaming buyers follow and unfollow (no rules: they only make events).
+STREAM_SELLERS = tuple(str(s) for s in range(100, 110))
+DEFAULT_TTLS = Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
+ADMIN_TOKEN = "test-admin-token"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def money(amount: int, currency: str = CURRENCY) -> common_pb2.Money:
+    return common_pb2.Money(currency_code=currency, amount_minor=amount)
+
+
+def code_name(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return str(err.code().name)
+    return type(err).__name__
+
+
+# --- the model ------------------------------------------------------------------------------
+_Key = tuple[str, Crowd]
+
+
+def _order(w: MembershipWrite) -> tuple[int, bool, int]:
+    return (w.version_ms, w.tombstone, w.expires_ms)
+
+
+class MembershipModel:
+    """Last writer wins by the time of the fact, per (buyer, crowd): what Redis must hold."""
+
+    def __init__(self, ttls: Ttls = DEFAULT_TTLS) -> None:
+        self.ttls = ttls
+        self.best: dict[_Key, MembershipWrite] = {}
+        self.by_user: dict[str, set[Crowd]] = {}
+        self.users: set[str] = set()
+
+    def apply(self, writes: Iterable[MembershipWrite]) -> None:
+        for w in writes:
+            self.users.add(w.user_id)
+            if w.requires is not None:
+                cond = self.best.get((w.user_id, w.requires))
+                if cond is None or cond.tombstone or cond.expires_ms <= now_ms():
+                    continue
+            key = (w.user_id, w.crowd)
+            cur = self.best.get(key)
+            if cur is None or _order(w) > _order(cur):
+                self.best[key] = w
+                self.by_user.setdefault(w.user_id, set()).add(w.crowd)
+
+    def snapshot_row(self, user: str, seller: str, followed_ms: int, bought: int, cut: int) -> None:
+        self.apply(derive.snapshot_row(user, seller, followed_ms, bought, cut, self.ttls))
+
+    def event(self, kind: str, user: str, seller: str, at_ms: int) -> None:
+        fn = {"follow": derive.follow, "unfollow": derive.unfollow, "purchase": derive.purchase}
+        self.apply(fn[kind](user, seller, at_ms, self.ttls))
+
+    def expected(self, user: str) -> dict[Crowd, Record]:
+        out = {}
+        for crowd in self.by_user.get(user, ()):
+            w = self.best[(user, crowd)]
+            out[crowd] = Record(w.tombstone, w.version_ms, w.expires_ms)
+        return out
+
+    def is_fan(self, user: str, seller: str) -> bool:
+        w = self.best.get((user, Crowd(seller, CrowdKind.ALL_FANS)))
+        return w is not None and not w.tombstone and w.expires_ms > now_ms()
+
+
+# --- what happened --------------------------------------------------------------------------
+@dataclass(slots=True)
+class Call:
+    """One RPC: wall-clock start and end (ms), outcome code, and what it answered."""
+
+    method: str
+    user: str
+    start_ms: float
+    end_ms: float
+    code: str
+    degraded: bool = False
+    verdict: int = 0
+
+    @property
+    def latency_ms(self) -> float:
+        return self.end_ms - self.start_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    what: str
+    detail: str
+    at_ms: float
+
+
+@dataclass(slots=True)
+class AckedRule:
+    rule_id: str
+    item_id: str
+    amount: int
+    revision: int
+
+
+@dataclass
+class Population:
+    """The buyers of one run, by role."""
+
+    fans: list[str]  # follow SELLER from the snapshot and stay fans (get purchase events)
+    churn: list[str]  # follow SELLER from the snapshot, unfollowed once during the load
+    streamers: list[str]  # follow / unfollow STREAM_SELLERS again and again by events
+    strangers: list[str]  # never follow anybody
+
+    @classmethod
+    def make(
+        cls, tag: str, *, fans: int = 20, churn: int = 20, streamers: int = 40, strangers: int = 10
+    ) -> Population:
+        return cls(
+            [f"{tag}fan{i}" for i in range(fans)],
+            [f"{tag}churn{i}" for i in range(churn)],
+            [f"{tag}str{i}" for i in range(streamers)],
+            [f"{tag}nobody{i}" for i in range(strangers)],
+        )
+
+    @property
+    def everyone(self) -> list[str]:
+        return self.fans + self.churn + self.streamers + self.strangers
+
+
+@dataclass
+class LoadConfig:
+    batch_deadline_s: float = 0.5
+    strict_deadline_s: float = 1.0
+    admin_deadline_s: float = 2.0
+    batch_concurrency: int = 2
+    strict_concurrency: int = 1
+    batch_items: int = 20
+    event_interval_s: float = 0.05
+    events_per_tick: int = 8
+    admin_interval_s: float = 0.15
+    #: Seconds over which the churn buyers are unfollowed, one after the other.
+    unfollow_spread_s: float = 3.0
+    strict_max_lag_ms: int = 1000
+    #: Pause between calls of one caller loop (0 = closed loop).
+    call_pause_s: float = 0.0
+
+
+class Load:
+    """Drives the system; ``start()``, let the fault happen, ``await stop()``, then check."""
+
+    def __init__(
+        self,
+        *,
+        target: str | Sequence[str],
+        redis_url: str,
+        namespace: str,
+        events_stream: str,
+        consumer_group: str,
+        dead_letter_stream: str,
+        population: Population,
+        config: LoadConfig | None = None,
+        admin_token: str = ADMIN_TOKEN,
+        seed: int = 7,
+    ) -> None:
+        targets = [target] if isinstance(target, str) else list(target)
+        # several channels with their own connections (spread over processes sharing a port)
+        self.channels = [
+            grpc.aio.insecure_channel(t, options=[("grpc.use_local_subchannel_pool", 1)])
+            for t in targets
+        ]
+        self.redis_url = redis_url
+        self.redis = aioredis.Redis.from_url(
+            redis_url, socket_timeout=1.0, socket_connect_timeout=0.5
+        )
+        self.layout = MembershipLayout(namespace)
+        self.stream = events_stream
+        self.group = consumer_group
+        self.dead_stream = dead_letter_stream
+        self.pop = population
+        self.cfg = config or LoadConfig()
+        self.admin_md = (("authorization", f"Bearer {admin_token}"),)
+        self.rng = random.Random(seed)
+        self.model = MembershipModel()
+        self.calls: list[Call] = []
+        self.violations: list[Violation] = []
+        self.acked_rules: list[AckedRule] = []
+        self.admin_failures: Counter[str] = Counter()
+        self.unfollow_attempt_ms: dict[str, float] = {}
+        self.unfollow_ack_ms: dict[str, float] = {}
+        self.events_acked = 0
+        self.poison_published = 0
+        self.publish_errors = 0
+        self.last_ack_ms = 0.0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unfollows: asyncio.Task[None] | None = None
+        self._stream_state: dict[tuple[str, str], bool] = {}
+        self._user_clock: dict[str, int] = {}
+        self._admin_n = 0
+        self._fans = set(population.fans)
+        # streamers only ever follow STREAM_SELLERS, never SELLER
+        self._strangers = set(population.strangers) | set(population.streamers)
+
+    # --- set-up ---------------------------------------------------------------------------
+    async def seed_state(self, *, cut_ms: int | None = None, rule: bool = True) -> None:
+        """Snapshot rows for fans and churn (written directly), a rule for them, one poison
+        entry on the stream; waits until the server's index has the rule."""
+        cut = cut_ms if cut_ms is not None else now_ms() - 3_600_000
+        writes: list[MembershipWrite] = []
+        for i, user in enumerate(self.pop.fans + self.pop.churn):
+            followed = cut - (60 if i % 2 else 2) * derive.DAY_MS
+            rows = derive.snapshot_row(user, SELLER, followed, i % 3, cut, self.model.ttls)
+            writes += rows
+            self.model.apply(rows)
+        for user in self.pop.streamers + self.pop.strangers:
+            self.model.users.add(user)
+        store = MembershipStore(self.redis, self.layout, SystemClock())
+        result = await store.apply(writes)
+        assert not result.failed_users, result.failed_users
+        await self.redis.xadd(self.stream, {b"garbage": b"not an event"})
+        self.poison_published += 1
+        if rule:
+            await self.upsert_rule(SELLER, ITEM, FAN_PRICE)
+
+    async def upsert_rule(self, seller: str, item: str, amount: int) -> admin_pb2.DiscountRule:
+        admin = admin_pb2_grpc.DiscountAdminServiceStub(self.channels[0])
+        resp = await admin.UpsertDiscountRule(
+            admin_pb2.UpsertDiscountRuleRequest(
+                rule=admin_pb2.DiscountRule(
+                    seller_id=seller,
+                    item_id=item,
+                    crowd=common_pb2.CROWD_KIND_ALL_FANS,
+                    price=money(amount),
+                )
+            ),
+            metadata=self.admin_md,
+            timeout=5,
+        )
+        self.acked_rules.append(AckedRule(resp.rule.rule_id, item, amount, int(resp.rule.revision)))
+        await self.wait_rule_visible(item, amount)
+        return resp.rule
+
+    async def wait_rule_visible(self, item: str, amount: int, timeout_s: float = 10) -> None:
+        """Until every channel's server discounts ``item`` to ``amount`` for a fan."""
+        fan = self.pop.fans[0]
+        for channel in self.channels:
+            stub = pricing_pb2_grpc.PricingServiceStub(channel)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                r = await stub.BatchGetLowestPrice(
+                    pricing_pb2.BatchGetLowestPriceRequest(
+                        user_id=fan,
+                        items=[pricing_pb2.PriceQuery(item_id=item, list_price=money(LIST_PRICE))],
+                    ),
+                    timeout=5,
+                )
+                p = r.prices[0]
+                if p.discounted and p.price.amount_minor == amount:
+                    break
+                assert time.monotonic() < deadline, f"rule for {item} never visible: {r}"
+                await asyncio.sleep(0.05)
+
+    async def wait_strict_ready(self, timeout_s: float = 15) -> None:
+        """Until CheckDiscountStrict answers (the worker published a fresh watermark)."""
+        stub = pricing_pb2_grpc.PricingServiceStub(self.channels[0])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await stub.CheckDiscountStrict(
+                    pricing_pb2.CheckDiscountStrictRequest(user_id=self.pop.fans[0], item_id=ITEM),
+                    timeout=2,
+                )
+                return
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert time.monotonic() < deadline, f"strict never ready: {err.details()}"
+                await asyncio.sleep(0.05)
+
+    # --- running --------------------------------------------------------------------------
+    def start(
+        self,
+        *,
+        batch: bool = True,
+        strict: bool = True,
+        events: bool = True,
+        admin: bool = True,
+        unfollows: bool = True,
+    ) -> None:
+        self._stop.clear()
+        spawn = self._tasks.append
+        n = 0
+        if batch:
+            for _ in range(self.cfg.batch_concurrency):
+                spawn(asyncio.create_task(self._batch_loop(self.channels[n % len(self.channels)])))
+                n += 1
+        if strict:
+            for _ in range(self.cfg.strict_concurrency):
+                spawn(asyncio.create_task(self._strict_loop(self.channels[n % len(self.channels)])))
+                n += 1
+        if events:
+            spawn(asyncio.create_task(self._event_loop()))
+        if admin:
+            spawn(asyncio.create_task(self._admin_loop()))
+        if unfollows and self.pop.churn:
+            self._unfollows = asyncio.create_task(self._unfollow_all())
+
+    async def stop(self, *, timeout_s: float = 30) -> None:
+        """Stop the loops; unfollows and unacknowledged event batches are finished first."""
+        if self._unfollows is not None:
+            await asyncio.wait_for(self._unfollows, timeout_s)
+        self._stop.set()
+        done, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+        for t in pending:
+            t.cancel()
+        assert not pending, f"{len(pending)} load loops did not stop within {timeout_s}s"
+        for t in done:
+            exc = t.exception()
+            if exc is not None:
+                raise exc
+        self._tasks = []
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+        await self.redis.aclose()
+
+    def _violation(self, what: str, detail: str) -> None:
+        self.violations.append(Violation(what, detail, now_ms()))
+
+    async def _timed(
+        self, method: str, user: str, call: Callable[[], Awaitable[Any]]
+    ) -> tuple[Call, Any]:
+        start = time.time() * 1000
+        try:
+            reply = await call()
+            code = "OK"
+        except grpc.aio.AioRpcError as err:
+            reply, code = err, code_name(err)
+        rec = Call(method, user, start, time.time() * 1000, code)
+        self.calls.append(rec)
+        return rec, reply
+
+    async def _pause(self) -> None:
+        if self.cfg.call_pause_s:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.cfg.call_pause_s)
+        else:
+            await asyncio.sleep(0)
+
+    async def _batch_loop(self, channel: grpc.aio.Channel) -> None:
+        stub = pricing_pb2_grpc.PricingServiceStub(channel)
+        items = [pricing_pb2.PriceQuery(item_id=ITEM, list_price=money(LIST_PRICE))] + [
+            pricing_pb2.PriceQuery(item_id=f"filler{i}", list_price=money(100 + i))
+            for i in range(self.cfg.batch_items - 1)
+        ]
+        users = self.pop.fans + self.pop.strangers + self.pop.churn + self.pop.streamers
+        while not self._stop.is_set():
+            user = self.rng.choice(users)
+            req = pricing_pb2.BatchGetLowestPriceRequest(user_id=user, items=items)
+            rec, reply = await self._timed(
+                "BatchGetLowestPrice",
+                user,
+                lambda req=req: stub.BatchGetLowestPrice(req, timeout=self.cfg.batch_deadline_s),  # type: ignore[misc]
+            )
+            if rec.code != "OK":
+                self._violation("batch_failed", f"{user}: {rec.code} after {rec.latency_ms:.0f} ms")
+            else:
+                rec.degraded = bool(reply.degraded)
+                self._check_batch(user, reply)
+            await self._pause()
+
+    def _check_batch(self, user: str, reply: pricing_pb2.BatchGetLowestPriceResponse) -> None:
+        p = reply.prices[0]
+        if len(reply.prices) != self.cfg.batch_items or p.item_id != ITEM:
+            self._violation("batch_wrong_shape", f"{user}: {len(reply.prices)} prices")
+            return
+        if any(
+            q.discounted or q.price.amount_minor != 100 + i for i, q in enumerate(reply.prices[1:])
+        ):
+            self._violation("batch_filler_wrong", f"{user}: {reply.prices[1:]}")
+        if p.discounted and p.price.amount_minor != FAN_PRICE:
+            self._violation("batch_wrong_price", f"{user}: {p.price.amount_minor}")
+        if not p.discounted and p.price.amount_minor != LIST_PRICE:
+            self._violation("batch_wrong_list_price", f"{user}: {p.price.amount_minor}")
+        if user in self._strangers and p.discounted:
+            self._violation("batch_stranger_discounted", user)
+        if user in self._fans and not p.discounted and not reply.degraded:
+            self._violation("batch_fan_not_discounted", f"{user} (not degraded)")
+        if reply.degraded and p.discounted:
+            self._violation("batch_degraded_discounted", user)
+
+    async def _strict_loop(self, channel: grpc.aio.Channel) -> None:
+        stub = pricing_pb2_grpc.PricingServiceStub(channel)
+        users = self.pop.fans + self.pop.churn
+        i = 0
+        while not self._stop.is_set():
+            user = users[i % len(users)]
+            i += 1
+            req = pricing_pb2.CheckDiscountStrictRequest(user_id=user, item_id=ITEM)
+            rec, reply = await self._timed(
+                "CheckDiscountStrict",
+                user,
+                lambda req=req: stub.CheckDiscountStrict(req, timeout=self.cfg.strict_deadline_s),  # type: ignore[misc]
+            )
+            if rec.code == "OK":
+                rec.verdict = int(reply.verdict)
+                self._check_strict(rec)
+            elif rec.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                detail = reply.details() if isinstance(reply, grpc.aio.AioRpcError) else ""
+                self._violation("strict_bad_refusal", f"{user}: {rec.code} {detail}")
+            await self._pause()
+
+    def _check_strict(self, rec: Call) -> None:
+        user = rec.user
+        if rec.verdict == pricing_pb2.VERDICT_ELIGIBLE:
+            acked = self.unfollow_ack_ms.get(user)
+            if acked is not None and acked + self.cfg.strict_max_lag_ms < rec.start_ms:
+                self._violation(
+                    "strict_wrongly_eligible",
+                    f"{user}: unfollow acknowledged {rec.start_ms - acked:.0f} ms before the call",
+                )
+        elif rec.verdict == pricing_pb2.VERDICT_NOT_IN_CROWD:
+            attempted = self.unfollow_attempt_ms.get(user)
+            if attempted is None or attempted > rec.end_ms:
+                self._violation("strict_fan_not_in_crowd", f"{user}: no unfollow was published")
+        else:
+            self._violation("strict_wrong_verdict", f"{user}: verdict {rec.verdict}")
+
+    # --- events ------------------------------------------------------------------------------
+    def _fact_time(self, user: str) -> int:
+        """Now, strictly after the buyer's previous fact (no ties in the model)."""
+        t = max(now_ms(), self._user_clock.get(user, 0) + 1)
+        self._user_clock[user] = t
+        return t
+
+    async def _publish(self, events: list[tuple[str, str, str, int]], *, give_up_s: float) -> float:
+        """XADD until acknowledged (a retry after a lost reply is a harmless duplicate)."""
+        entries = [
+            {EVENT_FIELD: make_event(k, u, s, at).SerializeToString()} for k, u, s, at in events
+        ]
+        deadline = time.monotonic() + give_up_s
+        while True:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for e in entries:
+                    pipe.xadd(self.stream, e)  # type: ignore[arg-type]
+                await pipe.execute()
+                break
+            except (RedisError, OSError) as exc:
+                self.publish_errors += 1
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"could not publish for {give_up_s}s: {exc!r}") from exc
+                await asyncio.sleep(0.05)
+        acked = time.time() * 1000
+        for k, u, s, at in events:
+            self.model.event(k, u, s, at)
+        self.events_acked += len(events)
+        self.last_ack_ms = max(self.last_ack_ms, acked)
+        return acked
+
+    async def _event_loop(self) -> None:
+        fans = self.pop.fans
+        streamers = self.pop.streamers
+        while not self._stop.is_set():
+            batch: list[tuple[str, str, str, int]] = []
+            for _ in range(self.cfg.events_per_tick):
+                if fans and self.rng.random() < 0.15:
+                    user = self.rng.choice(fans)
+                    batch.append(("purchase", user, SELLER, self._fact_time(user)))
+                    continue
+                user = self.rng.choice(streamers)
+                seller = self.rng.choice(STREAM_SELLERS)
+                following = self._stream_state.get((user, seller), False)
+                self._stream_state[(user, seller)] = not following
+                kind = "unfollow" if following else "follow"
+                batch.append((kind, user, seller, self._fact_time(user)))
+            await self._publish(batch, give_up_s=30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.cfg.event_interval_s)
+
+    async def _unfollow_all(self) -> None:
+        churn = self.pop.churn
+        gap = self.cfg.unfollow_spread_s / max(len(churn), 1)
+        for user in churn:
+            self.unfollow_attempt_ms[user] = time.time() * 1000
+            self.unfollow_ack_ms[user] = await self._publish(
+                [("unfollow", user, SELLER, self._fact_time(user))], give_up_s=30
+            )
+            await asyncio.sleep(gap)
+
+    # --- admin -------------------------------------------------------------------------------
+    async def _admin_loop(self) -> None:
+        admin = admin_pb2_grpc.DiscountAdminServiceStub(self.channels[0])
+        while not self._stop.is_set():
+            self._admin_n += 1
+            n = self._admin_n
+            item = f"adm{n}"
+            amount = 1000 + n
+            req = admin_pb2.UpsertDiscountRuleRequest(
+                rule=admin_pb2.DiscountRule(
+                    seller_id=SELLER,
+                    item_id=item,
+                    crowd=common_pb2.CROWD_KIND_ALL_FANS,
+                    price=money(amount),
+                )
+            )
+            rec, reply = await self._timed(
+                "UpsertDiscountRule",
+                "",
+                lambda req=req: admin.UpsertDiscountRule(  # type: ignore[misc]
+                    req, metadata=self.admin_md, timeout=self.cfg.admin_deadline_s
+                ),
+            )
+            if rec.code == "OK":
+                self.acked_rules.append(
+                    AckedRule(reply.rule.rule_id, item, amount, int(reply.rule.revision))
+                )
+            else:
+                self.admin_failures[rec.code] += 1
+                if rec.code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                    self._violation("admin_bad_error", f"{item}: {rec.code} {reply.details()}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.cfg.admin_interval_s)
+
+    # --- after the load -----------------------------------------------------------------------
+    async def settle(self, timeout_s: float = 30) -> dict[str, int]:
+        """Until the worker's watermark passed the last acknowledged event and nothing is
+        pending; returns the stream's state."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = await self.stream_state()
+            if state["watermark_ms"] > self.last_ack_ms and state["pending"] == 0:
+                return state
+            assert time.monotonic() < deadline, f"the system never settled: {state}"
+            await asyncio.sleep(0.1)
+
+    async def stream_state(self) -> dict[str, int]:
+        raw = await self.redis.get(self.layout.watermark_key)
+        pending = await self.redis.xpending(self.stream, self.group)
+        return {
+            "watermark_ms": int(raw) if raw is not None else 0,
+            "pending": int(pending["pending"]),
+            "length": int(await self.redis.xlen(self.stream)),
+            "dead_letters": int(await self.redis.xlen(self.dead_stream)),
+        }
+
+    async def membership_mismatches(self, users: Iterable[str] | None = None) -> list[str]:
+        """Every buyer whose records differ from the model (state, version, expiry)."""
+        names = sorted(users if users is not None else self.model.users)
+        out = []
+        for i in range(0, len(names), 500):
+            chunk = names[i : i + 500]
+            pipe = self.redis.pipeline(transaction=False)
+            for user in chunk:
+                pipe.hgetall(self.layout.user_key(user))
+            for user, raw in zip(chunk, await pipe.execute(), strict=True):
+                got = {self.layout.field_crowd(f): self.layout.decode(v) for f, v in raw.items()}
+                want = self.model.expected(user)
+                if got != want:
+                    diff = {
+                        f"{c.seller_id}/{c.kind.name}": (want.get(c), got.get(c))
+                        for c in set(got) | set(want)
+                        if got.get(c) != want.get(c)
+                    }
+                    out.append(f"{user}: (model, redis) {diff}")
+        return out
+
+    async def rule_mismatches(self) -> list[str]:
+        """Every acknowledged rule write that the store does not hold as acknowledged."""
+        admin = admin_pb2_grpc.DiscountAdminServiceStub(self.channels[0])
+        out = []
+        listed: dict[str, admin_pb2.DiscountRule] = {}
+        token = ""
+        while True:
+            page = await admin.ListDiscountRules(
+                admin_pb2.ListDiscountRulesRequest(
+                    seller_id=SELLER, page_size=500, page_token=token
+                ),
+                metadata=self.admin_md,
+                timeout=10,
+            )
+            listed.update({r.rule_id: r for r in page.rules})
+            token = page.next_page_token
+            if not token:
+                break
+        for acked in self.acked_rules:
+            got = await admin.GetDiscountRule(
+                admin_pb2.GetDiscountRuleRequest(rule_id=acked.rule_id),
+                metadata=self.admin_md,
+                timeout=5,
+            )
+            r = got.rule
+            if (r.item_id, r.price.amount_minor) != (acked.item_id, acked.amount):
+                out.append(f"{acked}: store has {r.item_id} {r.price.amount_minor}")
+            if acked.rule_id not in listed:
+                out.append(f"{acked}: missing from ListDiscountRules")
+        return out
+
+    async def check_final_state(self) -> dict[str, Any]:
+        """Settle, then compare everything with the model; returns a summary (asserts)."""
+        state = await self.settle()
+        mismatches = await self.membership_mismatches()
+        assert not mismatches, f"{len(mismatches)} buyers differ from the model:\n" + "\n".join(
+            mismatches[:10]
+        )
+        assert state["dead_letters"] == self.poison_published, state
+        rules = await self.rule_mismatches()
+        assert not rules, "acknowledged rule writes lost:\n" + "\n".join(rules[:10])
+        await self.check_strict_answers()
+        return self.summary() | {"stream": state}
+
+    async def check_strict_answers(self, timeout_s: float = 10) -> None:
+        """After settling: every fan ELIGIBLE, every unfollowed buyer NOT_IN_CROWD."""
+        stub = pricing_pb2_grpc.PricingServiceStub(self.channels[0])
+        want = {u: pricing_pb2.VERDICT_ELIGIBLE for u in self.pop.fans} | {
+            u: pricing_pb2.VERDICT_NOT_IN_CROWD for u in self.unfollow_ack_ms
+        }
+        deadline = time.monotonic() + timeout_s
+        for user, verdict in want.items():
+            while True:
+                try:
+                    r = await stub.CheckDiscountStrict(
+                        pricing_pb2.CheckDiscountStrictRequest(user_id=user, item_id=ITEM),
+                        timeout=2,
+                    )
+                    assert r.verdict == verdict, (user, r)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                    assert time.monotonic() < deadline, f"strict still refuses: {err.details()}"
+                    await asyncio.sleep(0.05)
+
+    def summary(self) -> dict[str, Any]:
+        by: dict[str, Counter[str]] = {}
+        worst: dict[str, float] = {}
+        degraded = 0
+        for c in self.calls:
+            by.setdefault(c.method, Counter())[c.code] += 1
+            worst[c.method] = max(worst.get(c.method, 0.0), c.latency_ms)
+            degraded += c.degraded
+        return {
+            "calls": {m: dict(v) for m, v in by.items()},
+            "max_latency_ms": {m: round(v, 1) for m, v in worst.items()},
+            "degraded_answers": degraded,
+            "events_acked": self.events_acked,
+            "publish_errors": self.publish_errors,
+            "rules_acked": len(self.acked_rules),
+            "admin_failures": dict(self.admin_failures),
+            "violations": len(self.violations),
+        }
+
+    def assert_no_violations(self) -> None:
+        counts = Counter(v.what for v in self.violations)
+        assert not self.violations, f"{dict(counts)}; first ones:\n" + "\n".join(
+            f"{v.what}: {v.detail}" for v in self.violations[:10]
+        )
+
+    def calls_between(self, method: str, start_ms: float, end_ms: float) -> list[Call]:
+        return [c for c in self.calls if c.method == method and start_ms <= c.start_ms < end_ms]
