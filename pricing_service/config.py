@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     # --- stores -------------------------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis holding crowd membership (redis://, rediss://)",
+        description="Redis holding crowd membership (redis://, rediss://, unix://), or a Redis "
+        "Cluster: redis+cluster://host:port[,host:port...] (seed nodes)",
     )
     redis_namespace: str = Field(
         "",
@@ -39,6 +40,16 @@ class Settings(BaseSettings):
     redis_socket_timeout_ms: int = Field(2000, ge=10, description="Redis socket read timeout")
     redis_connect_timeout_ms: int = Field(1000, ge=10, description="Redis connect timeout")
     redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size")
+    redis_wait_replicas: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="sync-worker: replicas that must acknowledge membership writes (WAIT) before "
+        "stream entries are acknowledged, on primaries that have replicas (0 = do not wait)",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, description="sync-worker: WAIT timeout; a shorter ack is retried"
+    )
     redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss://")
     redis_tls_cert_file: str | None = Field(None, description="Client certificate for rediss://")
     redis_tls_key_file: str | None = Field(None, description="Client key for rediss://")
@@ -105,6 +116,13 @@ class Settings(BaseSettings):
 
     # --- sync worker ----------------------------------------------------------------------
     events_stream: str = Field("pricing:relation-events", description="Relation event stream")
+    event_partitions: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Relation event stream partitions: 1 = the stream EVENTS_STREAM; N > 1 = "
+        "EVENTS_STREAM:{k}, k = crc32(user_id) % N (never change it while events are in flight)",
+    )
     consumer_group: str = Field("pricing-sync", description="Stream consumer group")
     consumer_name: str = Field("", description="Consumer name (default: host-pid)")
     stream_batch_size: int = Field(500, ge=1, le=100_000, description="XREADGROUP COUNT")

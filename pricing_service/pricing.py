@@ -32,6 +32,12 @@ from pricing_service.metrics import Metrics
 
 log = structlog.get_logger("pricing_service.pricing")
 
+#: KEYS[1] = watermark key. Returns {seconds, microseconds, watermark or nil} (read-only).
+_CLOCK_AND_WATERMARK_LUA = """
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('GET', KEYS[1])}
+"""
+
 
 class RuleSource(Protocol):
     """The in-process rule index (hot path: no I/O)."""
@@ -219,10 +225,11 @@ class PricingCore:
             raise DeadlineExceededError("deadline expired before membership could be read")
         try:
             async with asyncio.timeout(timeout):
-                pipe = self.primary.pipeline(transaction=False)
-                pipe.time()
-                pipe.get(self.membership.layout.watermark_key)
-                (secs, micros), raw_wm = await pipe.execute()
+                # TIME and the watermark from the same node in one step: on Redis Cluster
+                # TIME has no key, so it must run where the watermark key lives
+                secs, micros, raw_wm = await self.primary.eval(
+                    _CLOCK_AND_WATERMARK_LUA, 1, self.membership.layout.watermark_key
+                )
                 members = await self.membership.member_crowds(user_id, crowds, redis=self.primary)
         except TimeoutError:
             self.metrics.strict_refusals.labels("REDIS_TIMEOUT").inc()

@@ -1,12 +1,118 @@
-"""Redis client construction: one place, explicit timeouts, a blocking pool."""
+"""Redis client construction: one place, explicit timeouts, standalone or Redis Cluster.
+
+``PRICING_REDIS_URL`` selects the deployment:
+
+* ``redis://``, ``rediss://``, ``unix://`` - one Redis (a blocking connection pool);
+* ``redis+cluster://[user[:password]@]host:port[,host:port...]`` - a Redis Cluster, given by
+  one or more seed nodes; the client discovers the rest (``CLUSTER SLOTS``) and follows
+  ``MOVED``/``ASK`` redirections and failovers by itself.
+
+Both return a client with the same command API: every key this service uses is single-slot
+(per-buyer hash tags), pipelines are split by node by the cluster client, ``SCRIPT LOAD`` goes
+to every primary, and a ``NOSCRIPT`` after a failover is answered by the callers' reload.
+
+:class:`ReplicaAcks` implements "a write is acknowledged only after it reached a replica"
+(``WAIT``) for both kinds of deployment.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+from urllib.parse import unquote
+
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pricing_service.config import Settings
+from pricing_service.errors import ConfigError
+
+CLUSTER_SCHEME: Final = "redis+cluster://"
+
+#: Errors that mean "this part of Redis is unreachable or changing hands right now": retry
+#: later. Besides connection errors and timeouts, a cluster answers ``CLUSTERDOWN`` while a
+#: failed master is not yet replaced, ``TRYAGAIN`` during a slot migration, and a slot may be
+#: briefly uncovered in the client's map.
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+    AskError,  # MovedError is a subclass; left over only when a redirection itself failed
+    ConnectionError,
+    OSError,
+)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSeeds:
+    """The parsed ``redis+cluster://`` URL."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_cluster_url(url: str) -> ClusterSeeds:
+    """``redis+cluster://[user[:password]@]host:port[,host:port...]`` (ConfigError if not)."""
+    if not is_cluster_url(url):
+        raise ConfigError(f"PRICING_REDIS_URL: not a {CLUSTER_SCHEME} URL")
+    rest = url[len(CLUSTER_SCHEME) :].rstrip("/")
+    username = password = None
+    if "@" in rest:
+        cred, _, rest = rest.rpartition("@")
+        user, sep, pw = cred.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if sep else None
+    nodes: list[tuple[str, int]] = []
+    for raw in rest.split(","):
+        item = raw.strip()
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"PRICING_REDIS_URL: cluster seed {item!r} is not HOST:PORT "
+                f"(expected {CLUSTER_SCHEME}host:port[,host:port...])"
+            )
+        nodes.append((host, int(port)))
+    return ClusterSeeds(tuple(nodes), username, password)
+
+
+class BoundedRedisCluster(aioredis.RedisCluster):
+    """A cluster client whose commands wait for a free slot instead of failing.
+
+    redis-py's async cluster raises ``MaxConnectionsError`` as soon as a node's connection
+    limit is reached; the standalone client (a blocking pool) waits. This keeps the
+    standalone behaviour: at most ``limit`` commands in flight per client, so at most
+    ``limit`` connections per node.
+    """
+
+    def __init__(self, *args: Any, limit: int, **kwargs: Any) -> None:
+        kwargs["max_connections"] = limit
+        super().__init__(*args, **kwargs)
+        self._slots = asyncio.Semaphore(limit)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._slots:
+            return await super().execute_command(*args, **kwargs)
 
 
 def make_redis(
@@ -16,8 +122,34 @@ def make_redis(
 
     ``socket_timeout_ms`` must exceed any blocking command's block time (XREADGROUP BLOCK):
     redis-py 8 defaults to 5 s, which breaks long blocking reads.
+
+    For a ``redis+cluster://`` URL the client is a :class:`redis.asyncio.RedisCluster`
+    (:class:`BoundedRedisCluster`); it has the same command and pipeline API as
+    :class:`redis.asyncio.Redis` for everything this service sends, and is typed as such so
+    the callers need not care. ``max_connections`` is then the limit per node. Code that
+    needs a standalone-only attribute uses the helpers below (:func:`is_cluster`,
+    :func:`socket_timeout_s`).
     """
     timeout = (socket_timeout_ms or settings.redis_socket_timeout_ms) / 1000
+    connect_timeout = settings.redis_connect_timeout_ms / 1000
+    limit = max_connections or settings.redis_max_connections
+    if is_cluster_url(settings.redis_url):
+        seeds = parse_cluster_url(settings.redis_url)
+        client = BoundedRedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in seeds.nodes],
+            username=seeds.username,
+            password=seeds.password,
+            limit=limit,
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            health_check_interval=30,
+            # redirections and topology refreshes are the client's; a few quick retries ride
+            # over a replica's promotion, longer outages reach the caller (which retries or
+            # degrades by its own policy)
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
+            reinitialize_steps=1,  # refresh the whole slot map on any MOVED (resharding)
+        )
+        return cast(aioredis.Redis, client)
     tls: dict[str, object] = {}
     if settings.redis_url.startswith("rediss://"):
         tls = {
@@ -28,10 +160,10 @@ def make_redis(
         tls = {k: v for k, v in tls.items() if v is not None}
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=max_connections or settings.redis_max_connections,
+        max_connections=limit,
         timeout=timeout,  # wait for a free connection at most this long
         socket_timeout=timeout,
-        socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
+        socket_connect_timeout=connect_timeout,
         health_check_interval=30,
         # one immediate retry on a fresh connection: after a Redis restart every pooled
         # connection is dead, and the first use of each must not fail the caller
@@ -39,3 +171,159 @@ def make_redis(
         **tls,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, aioredis.RedisCluster)
+
+
+def socket_timeout_s(client: aioredis.Redis) -> float | None:
+    """The client's socket read timeout (seconds), standalone or cluster."""
+    if is_cluster(client):
+        kwargs = cast(aioredis.RedisCluster, client).get_connection_kwargs()
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+    value = kwargs.get("socket_timeout")
+    return float(value) if value is not None else None
+
+
+# --- WAIT: writes acknowledged by a replica ----------------------------------------------------
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes (the ``{...}`` tag, or the whole key)."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+@dataclass(slots=True)
+class ReplicaWaitResult:
+    """What one :meth:`ReplicaAcks.wait` found, per primary written to."""
+
+    primaries: int = 0
+    #: primaries with no connected replica: nothing to wait for, the writes are unprotected
+    unprotected: list[str] | None = None
+    #: primaries whose ``WAIT`` got fewer acknowledgements than asked within the timeout
+    short: list[str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.short
+
+
+class ReplicaAcks:
+    """Waits until writes already made to some keys have reached ``replicas`` replicas.
+
+    ``WAIT`` counts the writes of *its own connection*, and a pooled client gives no control
+    over which connection a command uses. So for every primary that holds one of the keys,
+    one pipeline on one connection does ``SET <marker>`` (a key with the same hash tag as a
+    written key, so on the same primary) then ``WAIT replicas timeout``. A primary's
+    replication stream is ordered: once a replica acknowledged the marker it has every
+    earlier write of that primary, including ours - whichever connection made them.
+
+    Primaries without a replica in sync (``INFO replication``, cached ``info_ttl_s``) are
+    not waited for; they are reported as ``unprotected``. In a cluster, a marker that was
+    redirected (its slot moved meanwhile) counts as short: the caller retries.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        marker_prefix: str,
+        *,
+        replicas: int = 1,
+        timeout_ms: int = 1000,
+        info_ttl_s: float = 5.0,
+        marker_ttl_ms: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.marker_prefix = marker_prefix
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self.info_ttl_s = info_ttl_s
+        self.marker_ttl_ms = marker_ttl_ms
+        self._replica_counts: dict[str, tuple[float, int]] = {}
+
+    def marker(self, key: str) -> str:
+        return f"{self.marker_prefix}{{{hash_tag(key)}}}"
+
+    def forget(self) -> None:
+        """Drop the cached replica counts (after a failover or an error)."""
+        self._replica_counts.clear()
+
+    async def _connected_replicas(self, name: str, node: ClusterNode | None) -> int:
+        cached = self._replica_counts.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.info_ttl_s:
+            return cached[1]
+        if node is None:
+            info = await self.client.info("replication")
+        else:
+            info = await cast(aioredis.RedisCluster, self.client).info(
+                "replication", target_nodes=node
+            )
+        # replicas in sync; one still loading its first copy ("wait_bgsave", "send_bulk")
+        # counts in connected_slaves but acknowledges nothing yet
+        count = sum(
+            1
+            for k, v in info.items()
+            if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        )
+        self._replica_counts[name] = (now, count)
+        return count
+
+    async def wait(self, keys: Iterable[str]) -> ReplicaWaitResult:
+        """Marker + ``WAIT`` on every primary holding one of ``keys``."""
+        result = ReplicaWaitResult(unprotected=[], short=[])
+        assert result.unprotected is not None and result.short is not None
+        if self.replicas <= 0:
+            return result
+        if not is_cluster(self.client):
+            keys = list(keys)
+            if not keys:
+                return result
+            result.primaries = 1
+            if await self._connected_replicas("standalone", None) < self.replicas:
+                result.unprotected.append("standalone")
+                return result
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self.marker(keys[0]), b"1", px=self.marker_ttl_ms)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+            _, acks = await pipe.execute()
+            if int(acks) < self.replicas:
+                result.short.append("standalone")
+                self.forget()
+            return result
+        cluster = cast(aioredis.RedisCluster, self.client)
+        by_node: dict[str, tuple[ClusterNode, str]] = {}
+        for key in keys:
+            node = cluster.get_node_from_key(key)
+            if node is not None and node.name not in by_node:
+                by_node[node.name] = (node, self.marker(key))
+        result.primaries = len(by_node)
+        todo: list[tuple[ClusterNode, str]] = []
+        for name, (node, marker) in by_node.items():
+            if await self._connected_replicas(name, node) < self.replicas:
+                result.unprotected.append(name)
+            else:
+                todo.append((node, marker))
+        if not todo:
+            return result
+        cpipe = cluster.pipeline()
+        for node, marker in todo:
+            cpipe.set(marker, b"1", px=self.marker_ttl_ms)
+            cpipe.execute_command("WAIT", self.replicas, self.timeout_ms, target_nodes=node)
+        replies = await cpipe.execute(raise_on_error=False)
+        for i, (node, marker) in enumerate(todo):
+            set_reply, acks = replies[2 * i], replies[2 * i + 1]
+            for reply in (set_reply, acks):
+                if isinstance(reply, BaseException):
+                    raise reply
+            moved = cluster.get_node_from_key(marker)
+            if moved is None or moved.name != node.name or int(acks) < self.replicas:
+                result.short.append(node.name)
+        if result.short:
+            self.forget()
+        return result

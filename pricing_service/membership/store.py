@@ -21,6 +21,7 @@ from pricing_service.membership.layout import (
     MembershipLayout,
     Record,
 )
+from pricing_service.redis_client import TRANSIENT_ERRORS
 
 #: Crowd fields memoised by :meth:`MembershipStore.member_crowds` (cleared when full).
 FIELD_CACHE_SIZE = 65_536
@@ -114,12 +115,24 @@ class MembershipStore:
             pipe = self.redis.pipeline(transaction=False)
             sha = self._sha
             for user in users:
-                pipe.evalsha(sha, 1, self.layout.user_key(user), now_off, *by_user[user])  # type: ignore[arg-type]
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
+                # evalsha method (not the command), and this is the same command standalone
+                pipe.execute_command(
+                    "EVALSHA", sha, 1, self.layout.user_key(user), now_off, *by_user[user]
+                )
             replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await self.load_script()  # Redis restarted or SCRIPT FLUSH: reload, replay all
+                # Redis restarted, SCRIPT FLUSH, or (cluster) a replica promoted since the load:
+                # reload on every primary, replay all (the writes are idempotent)
+                await self.load_script()
                 continue
             break
+        for reply in replies:
+            # Redis Cluster returns a node's failure (down, failing over, slot migrating) as a
+            # reply of its commands; it is an outage for the caller to retry, not a per-buyer
+            # failure (standalone Redis raises the same errors from execute()).
+            if isinstance(reply, TRANSIENT_ERRORS):
+                raise reply
         for user, reply in zip(users, replies, strict=True):
             if isinstance(reply, Exception):
                 result.failed_users[user] = str(reply)
