@@ -263,7 +263,8 @@ class Server:
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
-        self._log = log.open("wb")
+        # O_APPEND: the workers share this file; each line must land whole, never interleaved
+        self._log = log.open("ab")
         self.proc = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def pids(self) -> list[int]:

@@ -28,7 +28,10 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line ("message\n" together): print() writes the message and the
+        # newline separately, which on unbuffered stderr (PYTHONUNBUFFERED=1, as in the image)
+        # interleaves the lines of workers sharing the stream into corrupt JSON.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
