@@ -1,0 +1,213 @@
+"""Snapshot load throughput vs ``redis-cli --pipe`` on the same private Redis.
+
+    python -m bench.snapshot [--rows 1000000] [--jobs 1,2] [--batch-rows 10000]
+
+Generates a realistic snapshot (most buyers follow a few sellers, about 1% follow hundreds),
+loads it with the sync worker's loader (1 process, then N processes over disjoint parts), then
+loads the same memberships from pre-generated raw commands (per row: one ``HSET`` of the row's
+crowd fields + one ``PEXPIREAT``, same keys and encoded values) with ``redis-cli --pipe``.
+Each run starts from an empty private redis-server (default configuration). The loader's time
+includes its validation pass (row counting) and checkpoints; the pipe's time excludes command
+generation. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from pricing_service.config import Settings, load_settings
+from pricing_service.logging import configure_logging
+from pricing_service.membership.derive import Ttls, snapshot_row
+from pricing_service.membership.layout import MembershipLayout
+from pricing_service.redis_client import make_redis
+from sync_worker.common import parse_rfc3339_ms
+from sync_worker.parallel import load_parallel
+from sync_worker.snapshot import SnapshotLoader
+from sync_worker.snapshot_gen import realistic_rows, write_snapshot
+from tests.support.redis_server import RedisServer
+
+NS = "bench:"
+
+
+def _resp(*args: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else a.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def make_pipe_file(snapshot: Path, path: Path, settings: Settings) -> int:
+    """Raw HSET + PEXPIREAT commands for the snapshot's rows; returns the membership count."""
+    import csv  # noqa: PLC0415
+
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    cut = parse_rfc3339_ms(manifest["snapshot_time"])
+    ttls = Ttls.from_seconds(
+        settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
+    )
+    layout = MembershipLayout(NS)
+    n = 0
+    with path.open("wb") as out:
+        for part in manifest["files"]:
+            with (snapshot / part).open(newline="") as f:
+                reader = csv.reader(f)
+                next(reader)
+                buf: list[bytes] = []
+                for user, seller, followed, count in reader:
+                    ws = snapshot_row(
+                        user, seller, parse_rfc3339_ms(followed), int(count), cut, ttls
+                    )
+                    key = layout.user_key(user)
+                    args: list[str] = ["HSET", key]
+                    for w in ws:
+                        args.append(layout.crowd_field(w.crowd))
+                        args.append(layout.encode(w.version_ms, w.expires_ms, tombstone=False))
+                    buf.append(_resp(*args))
+                    buf.append(_resp("PEXPIREAT", key, str(ws[0].expires_ms)))
+                    n += len(ws)
+                    if len(buf) > 20_000:
+                        out.write(b"".join(buf))
+                        buf.clear()
+                out.write(b"".join(buf))
+    return n
+
+
+def count_fields(url: str) -> tuple[int, int]:
+    """(keys, hash fields) of the bench namespace."""
+    c = redis.Redis.from_url(url)
+    keys = list(c.scan_iter(match=f"{NS}cm:*", count=5000))
+    fields = 0
+    for i in range(0, len(keys), 5000):
+        pipe = c.pipeline(transaction=False)
+        for k in keys[i : i + 5000]:
+            pipe.hlen(k)
+        fields += sum(pipe.execute())
+    c.close()
+    return len(keys), fields
+
+
+def flush(url: str) -> None:
+    c = redis.Redis.from_url(url)
+    c.flushall()  # the benchmark's own private redis-server, never the shared one
+    c.close()
+
+
+async def load_one(settings: Settings, snapshot: Path, batch_rows: int) -> dict[str, Any]:
+    client = make_redis(settings, socket_timeout_ms=60_000)
+    try:
+        report = await SnapshotLoader(settings, client, batch_rows=batch_rows).load(snapshot)
+    finally:
+        await client.aclose()
+    return report.as_dict()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--part-rows", type=int, default=125_000)
+    ap.add_argument("--batch-rows", type=int, default=10_000)
+    ap.add_argument("--jobs", default="1,2", help="process counts to measure")
+    args = ap.parse_args()
+    configure_logging("WARNING", "console")
+    work = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    server = RedisServer().start()
+    try:
+        settings = load_settings(redis_url=server.url, redis_namespace=NS, log_level="WARNING")
+        cut = time.time_ns() // 1_000_000 - 3_600_000
+        t = time.perf_counter()
+        snap = work / "snapshot"
+        write_snapshot(snap, realistic_rows(args.rows, cut), cut, part_rows=args.part_rows)
+        gen_s = time.perf_counter() - t
+        size_mb = sum(f.stat().st_size for f in snap.iterdir()) / 1e6
+        print(f"generated {args.rows:,} rows ({size_mb:.0f} MB CSV) in {gen_s:.1f}s")
+
+        results: dict[int, dict[str, Any]] = {}
+        for jobs in [int(j) for j in args.jobs.split(",")]:
+            flush(server.url)
+            if jobs == 1:
+                report = asyncio.run(load_one(settings, snap, args.batch_rows))
+            else:
+                reports = load_parallel(settings, snap, jobs, batch_rows=args.batch_rows)
+                dur = max(r["duration_s"] for r in reports)
+                written = sum(r["memberships_written"] for r in reports)
+                report = {
+                    "duration_s": dur,
+                    "memberships_written": written,
+                    "rows_read": sum(r["rows_read"] for r in reports),
+                    "memberships_per_s": round(written / dur),
+                }
+            keys, fields = count_fields(server.url)
+            report["keys"], report["fields"] = keys, fields
+            results[jobs] = report
+            print(
+                f"loader, {jobs} process(es): {report['memberships_written']:,} memberships "
+                f"({report['rows_read']:,} rows) in {report['duration_s']:.2f}s = "
+                f"{report['memberships_per_s']:,}/s; {keys:,} keys, {fields:,} fields"
+            )
+        max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        pipe_file = work / "commands.resp"
+        memberships = make_pipe_file(snap, pipe_file, settings)
+        flush(server.url)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise SystemExit("redis-cli not found")
+        t = time.perf_counter()
+        with pipe_file.open("rb") as f:
+            subprocess.run(
+                [cli, "-p", str(server.port), "--pipe"], stdin=f, check=True,
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        pipe_s = time.perf_counter() - t
+        pkeys, pfields = count_fields(server.url)
+        pipe_rate = round(memberships / pipe_s)
+        print(
+            f"redis-cli --pipe: {memberships:,} memberships in {pipe_s:.2f}s = {pipe_rate:,}/s; "
+            f"{pkeys:,} keys, {pfields:,} fields"
+        )
+        best_jobs = max(results, key=lambda j: results[j]["memberships_per_s"])
+        best = results[best_jobs]["memberships_per_s"]
+        same = all((r["keys"], r["fields"]) == (pkeys, pfields) for r in results.values())
+        print(f"same keys and fields in every run: {same}")
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "memberships": memberships,
+                    "memberships_per_s": best,
+                    "best_jobs": best_jobs,
+                    **{
+                        f"memberships_per_s_{j}proc": r["memberships_per_s"]
+                        for j, r in results.items()
+                    },
+                    "redis_pipe_memberships_per_s": pipe_rate,
+                    "ratio": round(best / pipe_rate, 3),
+                    "same_result_as_pipe": same,
+                    "batch_rows": args.batch_rows,
+                    "parent_max_rss_mb": round(max_rss_mb),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                }
+            )
+        )
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Stream consumer throughput and publish-to-visible latency, through ``sync-worker consume``.
+
+    python -m bench.stream [--events 200000] [--rate 5000] [--seconds 10]
+
+1. Sustained throughput: ``--events`` relation events (70% follow, 30% unfollow, 100k buyers)
+   are published to a private redis-server first; then ``sync-worker consume`` (a subprocess,
+   default settings: batch 500) drains them. Rate = entries consumed / time from the first
+   entry read to "no backlog, nothing pending".
+2. Visibility: with the consumer running, events are published at ``--rate`` events/s for
+   ``--seconds``; for one event of every publish call (every 10 ms) the bench polls Redis
+   until the membership is visible: latency = first visible - XADD acknowledged. The
+   watermark lag (Redis TIME - watermark) is sampled at the same time.
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pricing_service.membership.layout import MembershipLayout
+from sync_worker.events import FOLLOW, UNFOLLOW, EventPublisher, make_event
+from tests.support.redis_server import RedisServer
+
+NS = "bench:"
+STREAM = f"{NS}events"
+GROUP = "pricing-sync"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def start_consumer(url: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}
+    env.update(
+        {
+            "PRICING_REDIS_URL": url,
+            "PRICING_REDIS_NAMESPACE": NS,
+            "PRICING_EVENTS_STREAM": STREAM,
+            "PRICING_DEAD_LETTER_STREAM": f"{NS}dead",
+            "PRICING_CONSUMER_NAME": "bench",
+            "PRICING_LOG_FORMAT": "json",
+            "PRICING_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "sync_worker", "consume"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def group_state(r: aioredis.Redis) -> tuple[int, int, int]:
+    """(entries read by the group, pending, backlog)."""
+    if not await r.exists(STREAM):
+        return 0, 0, 0
+    groups: Any = await r.xinfo_groups(STREAM)
+    if not groups:
+        return 0, 0, 0
+    g = groups[0]
+    return int(g.get("entries-read") or 0), int(g["pending"]), int(g.get("lag") or 0)
+
+
+async def throughput(url: str, n: int) -> dict[str, Any]:
+    r = aioredis.Redis.from_url(url, socket_timeout=30)
+    pub = EventPublisher(r, STREAM, chunk=2000)
+    rng = random.Random(1)
+    now = time.time_ns() // 1_000_000
+    t = time.perf_counter()
+    for i in range(0, n, 10_000):
+        evs = [
+            make_event(
+                FOLLOW if rng.random() < 0.7 else UNFOLLOW,
+                f"t{rng.randrange(100_000)}",
+                str(rng.randrange(1, 5000)),
+                now - rng.randrange(600_000),
+                event_id=str(i + k),
+            )
+            for k in range(min(10_000, n - i))
+        ]
+        await pub.publish(evs, validate=False)
+    print(f"published {n:,} events in {time.perf_counter() - t:.1f}s (not measured)")
+    proc = start_consumer(url)
+    try:
+        t_first = None
+        read_first = 0
+        while True:
+            read, pending, lag = await group_state(r)
+            now_p = time.perf_counter()
+            if t_first is None and read > 0:
+                t_first, read_first = now_p, read
+            if read >= n and pending == 0 and lag == 0:
+                t_end = now_p
+                break
+            await asyncio.sleep(0.01)
+        assert t_first is not None
+        rate = (n - read_first) / max(t_end - t_first, 1e-9)
+        print(
+            f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s"
+        )
+        return {"events_per_s": round(rate), "throughput_events": n, "proc": proc, "redis": r}
+    except BaseException:
+        proc.kill()
+        raise
+
+
+async def visibility(url: str, rate: int, seconds: float) -> dict[str, Any]:
+    r = aioredis.Redis.from_url(url, socket_timeout=10)
+    check = aioredis.Redis.from_url(url, socket_timeout=10)
+    layout = MembershipLayout(NS)
+    pub = EventPublisher(r, STREAM)
+    tick = 0.01
+    per_tick = max(1, round(rate * tick))
+    waiting: dict[str, float] = {}
+    latencies: list[float] = []
+    lags: list[int] = []
+    stop = asyncio.Event()
+    sent = 0
+
+    async def publisher() -> None:
+        nonlocal sent
+        start = time.perf_counter()
+        k = 0
+        while time.perf_counter() - start < seconds:
+            now = time.time_ns() // 1_000_000
+            evs = [
+                make_event(FOLLOW, f"v{k}-{j}", "7", now, event_id=f"{k}-{j}")
+                for j in range(per_tick)
+            ]
+            await pub.publish(evs, validate=False)
+            waiting[layout.user_key(f"v{k}-0")] = time.perf_counter()
+            sent += per_tick
+            k += 1
+            target = start + k * tick  # hold the rate, catching up after a slow call
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        stop.set()
+
+    async def checker() -> None:
+        while not stop.is_set() or waiting:
+            keys = list(waiting)
+            if keys:
+                pipe = check.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(key)
+                seen = await pipe.execute()
+                t = time.perf_counter()
+                for key, ok in zip(keys, seen, strict=True):
+                    if ok:
+                        latencies.append((t - waiting.pop(key)) * 1000)
+            await asyncio.sleep(0.001)
+
+    async def lag_sampler() -> None:
+        while not stop.is_set():
+            raw = await check.get(layout.watermark_key)
+            secs, micros = await check.time()
+            if raw is not None:
+                lags.append(int(secs) * 1000 + int(micros) // 1000 - int(raw))
+            await asyncio.sleep(0.05)
+
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(publisher(), checker(), lag_sampler()), seconds + 60)
+    achieved = sent / (time.perf_counter() - t0)
+    await r.aclose()
+    await check.aclose()
+    print(
+        f"visibility at {achieved:,.0f} events/s offered ({len(latencies)} samples): "
+        f"p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms, "
+        f"max {max(latencies):.1f} ms; watermark lag p50 {pct(lags, 50):.0f} ms, "
+        f"p99 {pct(lags, 99):.0f} ms"
+    )
+    return {
+        "visibility_p50_ms": round(pct(latencies, 50), 1),
+        "visibility_p99_ms": round(pct(latencies, 99), 1),
+        "visibility_max_ms": round(max(latencies), 1),
+        "visibility_samples": len(latencies),
+        "offered_events_per_s": round(achieved),
+        "watermark_lag_p50_ms": pct([float(x) for x in lags], 50),
+        "watermark_lag_p99_ms": pct([float(x) for x in lags], 99),
+    }
+
+
+async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    tp = await throughput(url, args.events)
+    proc: subprocess.Popen[bytes] = tp.pop("proc")
+    await tp.pop("redis").aclose()
+    try:
+        vis = await visibility(url, args.rate, args.seconds)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    return {**tp, **vis, "consumer_exit_code": code}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    server = RedisServer().start()
+    try:
+        result = asyncio.run(run(args, server.url))
+    finally:
+        server.close()
+    result.update({"rate_target": args.rate, "cpus": os.cpu_count()})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
