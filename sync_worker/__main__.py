@@ -192,8 +192,14 @@ def _merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 # --- consume ------------------------------------------------------------------------------------
 async def _consume(settings: Settings) -> int:
     from sync_worker.consumer import StreamConsumer  # noqa: PLC0415
+    from sync_worker.partitions import PartitionedConsumer  # noqa: PLC0415
 
-    async with StreamConsumer(settings) as consumer:
+    consumer: StreamConsumer | PartitionedConsumer
+    if settings.event_partitions > 1:
+        consumer = PartitionedConsumer(settings)
+    else:
+        consumer = StreamConsumer(settings)
+    async with consumer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.shutdown)
@@ -225,8 +231,20 @@ async def _publish(
         events = [make_event(args.type, args.user, args.seller, at, event_id=args.event_id)]
     redis = make_redis(settings)
     try:
-        pub = EventPublisher(redis, settings.events_stream, max_id_length=settings.max_id_length)
-        ids = await pub.publish(events)
+        if settings.event_partitions > 1:
+            from sync_worker.partitions import PartitionedPublisher  # noqa: PLC0415
+
+            ids = await PartitionedPublisher(
+                redis,
+                settings.events_stream,
+                settings.event_partitions,
+                max_id_length=settings.max_id_length,
+            ).publish(events)
+        else:
+            pub = EventPublisher(
+                redis, settings.events_stream, max_id_length=settings.max_id_length
+            )
+            ids = await pub.publish(events)
     finally:
         await redis.aclose()
     print(json.dumps({"published": len(ids), "first_id": ids[0] if ids else None,

@@ -71,13 +71,27 @@ from pricing_service.domain import Clock, SystemClock
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
-from pricing_service.redis_client import make_redis
+from pricing_service.redis_client import (
+    TRANSIENT_ERRORS,
+    ReplicaAcks,
+    make_redis,
+    socket_timeout_s,
+)
 from sync_worker.events import DecodedEvent, PoisonEntry, decode_entry
 
 log = structlog.get_logger("sync_worker.consumer")
 
-#: Errors that mean "Redis is unreachable right now" (retried with backoff).
-OUTAGE_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+#: Errors that mean "Redis is unreachable right now" (retried with backoff); on Redis Cluster
+#: also a node failing over (CLUSTERDOWN) or a slot migrating (TRYAGAIN).
+OUTAGE_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+    *TRANSIENT_ERRORS,
+)
+#: What a failed watermark update may raise (NoScriptError is a ResponseError): retried later.
+_WATERMARK_ERRORS: Final[tuple[type[BaseException], ...]] = (*OUTAGE_ERRORS, ResponseError)
 
 #: KEYS[1] = stream, ARGV[1] = group. Returns {W, now, pending, backlog} (W = -1: no stream,
 #: -2: no group). Read-only; see the module docstring for the rule.
@@ -151,6 +165,10 @@ class ConsumerStats:
     retried_entries: int = 0
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
     outages: int = 0
+    #: batches whose writes reached a primary with no replica in sync (acknowledged unprotected)
+    replication_unprotected: int = 0
+    #: WAITs that got fewer replica acknowledgements than required (batch not acknowledged)
+    replication_wait_short: int = 0
     watermark_ms: int = 0
     lag_ms: int = -1
     pending: int = 0
@@ -168,6 +186,8 @@ class ConsumerStats:
             "retried_entries": self.retried_entries,
             "dead_lettered": dict(self.dead_lettered),
             "outages": self.outages,
+            "replication_unprotected": self.replication_unprotected,
+            "replication_wait_short": self.replication_wait_short,
             "watermark_ms": self.watermark_ms,
             "lag_ms": self.lag_ms,
             "pending": self.pending,
@@ -215,14 +235,21 @@ class StreamConsumer:
         watermark_interval_ms: int = 100,
         progress_interval_s: float = 10.0,
         trim_retention_ms: int | None = 24 * 3600 * 1000,
+        stream: str | None = None,
+        watermark_streams: Sequence[str] | None = None,
+        publish_watermark: bool = True,
     ) -> None:
+        """``stream`` overrides ``settings.events_stream`` (one partition of several, see
+        :mod:`sync_worker.partitions`). The watermark is the minimum over ``watermark_streams``
+        (default: ``[stream]``); with ``publish_watermark=False`` it is only computed (stats,
+        trimming), and another consumer publishes the key."""
         self.settings = settings
         block = settings.stream_block_ms
         self._owns_redis = redis is None
         self.redis = redis or make_redis(
             settings, socket_timeout_ms=block + 5000, max_connections=8
         )
-        timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        timeout = socket_timeout_s(self.redis)
         if block and timeout:  # keep a blocking read well inside the socket timeout
             block = max(min(block, int(timeout * 1000) - 500), 1) if timeout > 0.6 else 0
         self.block_ms: int | None = block or None
@@ -232,7 +259,18 @@ class StreamConsumer:
         self.ttls = Ttls.from_seconds(
             settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
         )
-        self.stream = settings.events_stream
+        self.stream = stream or settings.events_stream
+        self.watermark_streams = list(watermark_streams or [self.stream])
+        self.publish_watermark = publish_watermark
+        self.replica_acks: ReplicaAcks | None = None
+        if settings.redis_wait_replicas > 0:
+            self.replica_acks = ReplicaAcks(
+                self.redis,
+                f"{settings.redis_namespace}sync:replica-ack:",
+                replicas=settings.redis_wait_replicas,
+                timeout_ms=settings.redis_wait_timeout_ms,
+            )
+        self._unprotected_logged = False
         self.group = settings.consumer_group
         self.name = consumer_name or settings.consumer_name or default_consumer_name()
         self.watermark_interval_s = watermark_interval_ms / 1000
@@ -456,6 +494,11 @@ class StreamConsumer:
                     )
         else:
             ack.extend(users)
+        if writes and self.replica_acks is not None:
+            written = {u for u in users.values() if u not in result.failed_users}
+            keys = [self.layout.user_key(u) for u in written]
+            if keys and not await self._await_replicas(keys):
+                return  # stopping before a replica confirmed: leave the batch pending
         dead = poison + failed
         pipe = self.redis.pipeline(transaction=False)
         for (eid, fields), reason, detail in dead:
@@ -490,6 +533,46 @@ class StreamConsumer:
         st.writes_stale += result.stale
         st.condition_unmet += result.condition_unmet
 
+    async def _await_replicas(self, keys: list[str]) -> bool:
+        """Until the writes to ``keys`` reached a replica on every primary that has one.
+
+        A primary without a replica in sync cannot protect the writes: they are acknowledged
+        anyway (the alternative is to stop consuming), counted and logged
+        (``replication_unprotected``, once per episode). A short ``WAIT`` is counted, logged
+        (``replication_wait_short``) and retried; the batch is not acknowledged meanwhile.
+        Returns False only when stopping before the replicas confirmed.
+        """
+        assert self.replica_acks is not None
+        attempt = 0
+        while True:
+            r = await self.replica_acks.wait(keys)
+            if r.unprotected:
+                self.stats.replication_unprotected += 1
+                if not self._unprotected_logged:
+                    self._unprotected_logged = True
+                    log.warning(
+                        "replication_unprotected",
+                        primaries=r.unprotected,
+                        detail="no replica in sync: membership writes acknowledged without WAIT",
+                    )
+            elif self._unprotected_logged and r.primaries:
+                self._unprotected_logged = False
+                log.info("replication_protected", primaries=r.primaries)
+            if r.ok:
+                return True
+            attempt += 1
+            self.stats.replication_wait_short += 1
+            log.warning(
+                "replication_wait_short",
+                primaries=r.short,
+                attempt=attempt,
+                replicas=self.replica_acks.replicas,
+                timeout_ms=self.replica_acks.timeout_ms,
+            )
+            if self.stopping:
+                return False
+            await self._sleep(min(0.05 * 2**attempt, 1.0))
+
     async def _deliveries(self, entries: list[Entry]) -> dict[bytes, int]:
         """Delivery count of each entry (XPENDING), for the dead-letter decision."""
         pipe = self.redis.pipeline(transaction=False)
@@ -504,10 +587,22 @@ class StreamConsumer:
     # --- watermark ---------------------------------------------------------------------------
     async def update_watermark(self) -> int | None:
         """Recompute the watermark from the group's state and move the key forward."""
-        w, now, pending, _backlog = await self._wm_compute([self.stream], [self.group])
-        if int(w) < 0:
+        w: int | None = None
+        now: int | None = None
+        pending = 0
+        for stream in self.watermark_streams:  # partitions: the minimum over all of them
+            ws, nows, pend, _backlog = await self._wm_compute([stream], [self.group])
+            if int(ws) < 0:
+                return None
+            w = int(ws) if w is None else min(w, int(ws))
+            now = int(nows) if now is None else max(now, int(nows))
+            pending += int(pend)
+        if w is None or now is None:
             return None
-        current = int(await self._wm_set([self.layout.watermark_key], [str(int(w))]))
+        if self.publish_watermark:
+            current = int(await self._wm_set([self.layout.watermark_key], [str(w)]))
+        else:
+            current = w
         self.stats.watermark_ms = current
         self.stats.lag_ms = int(now) - current
         self.stats.pending = int(pending)
@@ -524,7 +619,7 @@ class StreamConsumer:
                 await self.update_watermark()
                 if self.trim_retention_ms is not None and self.stats.watermark_ms > 0:
                     await self._maybe_trim()
-            except (*OUTAGE_ERRORS, ResponseError, NoScriptError) as exc:
+            except _WATERMARK_ERRORS as exc:
                 log.debug("watermark_update_failed", error=str(exc))
                 continue
             if time.monotonic() >= next_progress:

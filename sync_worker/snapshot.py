@@ -74,7 +74,10 @@ def _redis_outage_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import ConnectionError as RCE  # noqa: PLC0415
     from redis.exceptions import TimeoutError as RTE  # noqa: PLC0415
 
-    return (RCE, RTE, *_OUTAGE_ERRORS)
+    from pricing_service.redis_client import TRANSIENT_ERRORS  # noqa: PLC0415
+
+    # TRANSIENT_ERRORS: also a cluster node failing over (CLUSTERDOWN), a slot migrating
+    return (RCE, RTE, *_OUTAGE_ERRORS, *TRANSIENT_ERRORS)
 
 
 OUTAGE_ERRORS: Final = _redis_outage_errors()
@@ -439,7 +442,8 @@ class LoadReport:
 
     snapshot_id: str
     snapshot_time: str
-    status: str = "loaded"  # loaded | already_loaded | error_rate_exceeded | nothing_to_do
+    #: loaded | already_loaded | nothing_to_do (ok) | error_rate_exceeded | write_failures
+    status: str = "loaded"
     parts: list[str] = field(default_factory=list)
     parts_skipped_done: list[str] = field(default_factory=list)
     rows_total: int = 0
@@ -731,7 +735,11 @@ class SnapshotLoader:
                 bar.close()
         report.duration_s = time.monotonic() - t0
         if report.status == "loaded" and report.failed_users:
-            report.message = f"{report.failed_users} buyers could not be written (see logs)"
+            report.status = "write_failures"
+            report.message = (
+                f"{report.failed_users} buyers could not be written (a key of the wrong type? "
+                "see snapshot_users_not_written logs); every other row was loaded"
+            )
         return report
 
     async def _checkpoint(self, key: str, part: str, pp: PartProgress, expire_at_ms: int) -> None:
