@@ -100,6 +100,13 @@ def count_fields(url: str) -> tuple[int, int]:
     return len(keys), fields
 
 
+def redis_cpu_s(url: str) -> float:
+    c = redis.Redis.from_url(url)
+    info = c.info("cpu")
+    c.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def flush(url: str) -> None:
     c = redis.Redis.from_url(url)
     c.flushall()  # the benchmark's own private redis-server, never the shared one
@@ -138,8 +145,12 @@ def main() -> None:
         results: dict[int, dict[str, Any]] = {}
         for jobs in [int(j) for j in args.jobs.split(",")]:
             flush(server.url)
+            rcpu0, pcpu0 = redis_cpu_s(server.url), time.process_time()
             if jobs == 1:
                 report = asyncio.run(load_one(settings, snap, args.batch_rows))
+                report["python_cpu_us_per_membership"] = round(
+                    (time.process_time() - pcpu0) / report["memberships_written"] * 1e6, 2
+                )
             else:
                 reports = load_parallel(settings, snap, jobs, batch_rows=args.batch_rows)
                 dur = max(r["duration_s"] for r in reports)
@@ -150,19 +161,25 @@ def main() -> None:
                     "rows_read": sum(r["rows_read"] for r in reports),
                     "memberships_per_s": round(written / dur),
                 }
+            report["redis_cpu_us_per_membership"] = round(
+                (redis_cpu_s(server.url) - rcpu0) / report["memberships_written"] * 1e6, 2
+            )
             keys, fields = count_fields(server.url)
             report["keys"], report["fields"] = keys, fields
             results[jobs] = report
             print(
                 f"loader, {jobs} process(es): {report['memberships_written']:,} memberships "
                 f"({report['rows_read']:,} rows) in {report['duration_s']:.2f}s = "
-                f"{report['memberships_per_s']:,}/s; {keys:,} keys, {fields:,} fields"
+                f"{report['memberships_per_s']:,}/s; {keys:,} keys, {fields:,} fields; CPU per "
+                f"membership: python {report.get('python_cpu_us_per_membership', '-')} us, "
+                f"redis {report['redis_cpu_us_per_membership']} us"
             )
         max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
         pipe_file = work / "commands.resp"
         memberships = make_pipe_file(snap, pipe_file, settings)
         flush(server.url)
+        rcpu0 = redis_cpu_s(server.url)
         cli = shutil.which("redis-cli")
         if cli is None:
             raise SystemExit("redis-cli not found")
@@ -173,11 +190,12 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
         pipe_s = time.perf_counter() - t
+        pipe_redis_cpu_us = (redis_cpu_s(server.url) - rcpu0) / memberships * 1e6
         pkeys, pfields = count_fields(server.url)
         pipe_rate = round(memberships / pipe_s)
         print(
             f"redis-cli --pipe: {memberships:,} memberships in {pipe_s:.2f}s = {pipe_rate:,}/s; "
-            f"{pkeys:,} keys, {pfields:,} fields"
+            f"{pkeys:,} keys, {pfields:,} fields; redis CPU per membership {pipe_redis_cpu_us:.2f} us"
         )
         best_jobs = max(results, key=lambda j: results[j]["memberships_per_s"])
         best = results[best_jobs]["memberships_per_s"]
@@ -197,6 +215,14 @@ def main() -> None:
                     "redis_pipe_memberships_per_s": pipe_rate,
                     "ratio": round(best / pipe_rate, 3),
                     "same_result_as_pipe": same,
+                    "python_cpu_us_per_membership_1proc": results.get(1, {}).get(
+                        "python_cpu_us_per_membership"
+                    ),
+                    "redis_cpu_us_per_membership_loader": results[best_jobs][
+                        "redis_cpu_us_per_membership"
+                    ],
+                    "redis_cpu_us_per_membership_pipe": round(pipe_redis_cpu_us, 2),
+                    "load_average_1m": round(os.getloadavg()[0], 2),
                     "batch_rows": args.batch_rows,
                     "parent_max_rss_mb": round(max_rss_mb),
                     "cpus": os.cpu_count(),

@@ -59,6 +59,8 @@ def redis_state(url: str, namespace: str, now_ms: int) -> dict[Key, Record]:
     try:
         for key in client.scan_iter(match=layout.user_key_pattern(), count=1000):
             user = layout.user_from_key(key.decode())
+            if client.type(key) != b"hash":
+                continue
             for f, v in client.hgetall(key).items():
                 try:
                     rec = layout.decode(v)

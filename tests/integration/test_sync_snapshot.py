@@ -393,3 +393,17 @@ async def test_snapshot_then_newer_unfollow_event_removes_membership(
         await asyncio.wait_for(task, 10)
     store = MembershipStore(aredis, MembershipLayout(namespace), SystemClock())
     assert await store.member_crowds("u", [Crowd("42", k) for k in CrowdKind]) == frozenset()
+
+
+async def test_a_buyer_key_of_the_wrong_type_fails_the_load_but_not_the_others(
+    redis_url: str, namespace: str, aredis: aioredis.Redis, tmp_path: Path, cut: int
+) -> None:
+    s = make_settings(redis_url, namespace)
+    await aredis.set(MembershipLayout(namespace).user_key("broken"), "x")
+    rows = [SnapshotRow("broken", "1", cut - DAY_MS, 0), SnapshotRow("fine", "1", cut - DAY_MS, 0)]
+    write_snapshot(tmp_path, rows, cut)
+    report = await load(s, tmp_path)
+    assert report["status"] == "write_failures"
+    assert report["failed_users"] == 1
+    state = redis_state(redis_url, namespace, now_ms())
+    assert set(state) == {("fine", Crowd("1", CrowdKind.ALL_FANS))}
