@@ -31,6 +31,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -53,6 +54,10 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     TryAgainError,
     SlotNotCoveredError,
     AskError,  # MovedError is a subclass; left over only when a redirection itself failed
+    # "TTL exhausted": redirections did not settle. Seen while a slot migrates: redis-py's
+    # async cluster sends ASKING and the redirected command on different pooled
+    # connections, so ASK is not honoured until the slot has moved (then MOVED works).
+    ClusterError,
     ConnectionError,
     OSError,
 )
@@ -147,7 +152,10 @@ def make_redis(
             # over a replica's promotion, longer outages reach the caller (which retries or
             # degrades by its own policy)
             retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
-            reinitialize_steps=1,  # refresh the whole slot map on any MOVED (resharding)
+            # on MOVED patch the one slot in the map; a full refresh (redis-py closes every
+            # connection of the client for it) would break the commands other tasks have in
+            # flight on those connections
+            reinitialize_steps=0,
         )
         return cast(aioredis.Redis, client)
     tls: dict[str, object] = {}
