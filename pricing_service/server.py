@@ -187,7 +187,10 @@ class PricingServer:
         from redis.asyncio import Redis  # noqa: PLC0415
 
         assert isinstance(redis, Redis)
-        while True:
+        # Ends by itself once shutdown starts: a cancellation that lands inside the ping can be
+        # swallowed (redis-py / asyncio.timeout), and awaiting the cancelled task then hung the
+        # shutdown forever (found by tests/fault: SIGTERM while Redis was slow).
+        while not self._stop.is_set():
             try:
                 async with asyncio.timeout(0.5):
                     await redis.ping()
@@ -195,7 +198,8 @@ class PricingServer:
             except (TimeoutError, RedisError, OSError):
                 ok = False
             await self._update_health(ok)
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), HEALTH_INTERVAL_S)
 
     async def run(self) -> None:
         """Serve until :meth:`shutdown` (or :meth:`request_stop`) is called."""
