@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
 
-from tests.fault.conftest import System
+from tests.fault.conftest import PostgresServer, System
 from tests.support.load import Load
 
 pytestmark = pytest.mark.fault
@@ -198,3 +200,93 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
     summary = await load.check_final_state()
     load.assert_no_violations()
     print(done, summary)
+
+
+async def test_pricing_server_sigterm_under_load(system: System) -> None:
+    """Two servers share the port (a rolling restart); one gets SIGTERM under load while calls
+    are held in flight (Redis paused for 300 ms): it drains them and exits 0; no call fails
+    except, possibly, one that reaches the server in the very moment it shuts down, before a
+    handler took it: gRPC core answers those CANCELLED (grpc/grpc#41785)."""
+    system.env["PRICING_MEMBERSHIP_BUDGET_MS"] = "450"
+    first = system.start_server()
+    system.start_server()
+    system.start_worker()
+    load = system.load(batch_concurrency=4, strict_concurrency=2)
+    load.channels += [
+        grpc.aio.insecure_channel(system.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(3)
+    ]
+    try:
+        await load.seed_state()
+        await load.wait_strict_ready()
+        load.start()
+        await asyncio.sleep(1.0)
+        await load.redis.client_pause(300)  # every call now waits for Redis: in flight
+        await asyncio.sleep(0.1)
+        signalled = now_ms()
+        first.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(first.proc.wait, 15)
+        exited = now_ms()
+        await asyncio.sleep(1.5)
+        await load.stop()
+        summary = await load.check_final_state()
+    finally:
+        await load.close()
+    assert code == 0, first.log()
+    assert "server_stopped" in first.log()
+    print("signalled", signalled, "exited", exited)
+    before = [c for c in load.calls if c.start_ms < signalled]
+    assert all(c.code == "OK" for c in before), [c for c in before if c.code != "OK"][:5]
+    held = [c for c in before if c.end_ms > signalled + 100]
+    assert held, "no call was in flight across the SIGTERM"
+    racing = [c for c in load.calls if c.code != "OK"]
+    assert all(c.code in ("CANCELLED", "UNAVAILABLE") for c in racing), racing
+    assert all(signalled <= c.start_ms <= signalled + 20 for c in racing), (signalled, racing)
+    assert len(racing) <= 4, racing
+    others = [
+        v for v in load.violations if "CANCELLED" not in v.detail and "UNAVAILABLE" not in v.detail
+    ]
+    assert not others, others
+    after = load.calls_between("BatchGetLowestPrice", exited, now_ms())
+    assert after and all(c.code == "OK" for c in after)
+    codes = system.stop_all()
+    assert all(c == 0 for c in codes.values()), codes
+    print(len(held), "held;", len(racing), "racing;", summary)
+
+
+async def test_postgresql_restart(system: System, private_pg: PostgresServer) -> None:
+    """The rule store goes away and comes back: pages keep their prices (index), strict
+    refuses (it reads the store), admin writes fail UNAVAILABLE, acknowledged ones survive."""
+    system.env["PRICING_RULE_STORE_URL"] = private_pg.url
+    system.env["PRICING_RULE_STORE_BUSY_TIMEOUT_MS"] = "500"
+    system.start_server()
+    system.start_worker()
+    load = system.load(admin_interval_s=0.05)
+    try:
+        await load.seed_state()
+        await load.wait_strict_ready()
+        load.start()
+        await asyncio.sleep(1.0)
+        stopping = now_ms()
+        await in_thread(private_pg.stop)
+        stopped = now_ms()
+        await asyncio.sleep(1.5)
+        restarting = now_ms()
+        await in_thread(private_pg.start)
+        await asyncio.sleep(2.5)
+        await load.stop()
+        summary = await load.check_final_state()
+        # the index follows the store again: a rule written now is served
+        await load.upsert_rule("42", "after-restart", 777)
+    finally:
+        await load.close()
+    load.assert_no_violations()
+    down = load.calls_between("CheckDiscountStrict", stopped + 100, restarting)
+    assert down and all(c.code == "UNAVAILABLE" for c in down), summary
+    pages = load.calls_between("BatchGetLowestPrice", stopping, restarting)
+    assert pages and not any(c.degraded for c in pages), "pages need no rule store"
+    assert load.admin_failures and set(load.admin_failures) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert_recovered(load, now_ms() - 1000)
+    codes = system.stop_all()
+    assert all(c == 0 for c in codes.values()), f"{codes}\n{system.logs()}"
+    print(summary)

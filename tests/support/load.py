@@ -180,7 +180,7 @@ class Population:
 
 @dataclass
 class LoadConfig:
-    batch_deadline_s: float = 0.5
+    batch_deadline_s: float = 1.0
     strict_deadline_s: float = 1.0
     admin_deadline_s: float = 2.0
     batch_concurrency: int = 2
@@ -414,7 +414,11 @@ class Load:
                 lambda req=req: stub.BatchGetLowestPrice(req, timeout=self.cfg.batch_deadline_s),  # type: ignore[misc]
             )
             if rec.code != "OK":
-                self._violation("batch_failed", f"{user}: {rec.code} after {rec.latency_ms:.0f} ms")
+                detail = reply.details() if isinstance(reply, grpc.aio.AioRpcError) else ""
+                self._violation(
+                    "batch_failed",
+                    f"{user}: {rec.code} after {rec.latency_ms:.0f} ms at {rec.start_ms:.0f}: {detail}",
+                )
             else:
                 rec.degraded = bool(reply.degraded)
                 self._check_batch(user, reply)
