@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,8 @@ class Point:
     max_ms: float
     server_cpu_us_per_req: float | None = None
     redis_cpu_us_per_req: float | None = None
+    #: answers the server gave with list prices during this point (warm-up included)
+    degraded: int | None = None
 
 
 def percentile(sorted_values: Sequence[int], q: float) -> float:
@@ -380,11 +382,14 @@ class Harness:
     h2load_cpus: str | None
     redis_pid: int | None = None
     runs: int = field(default=0)
+    #: the server's counters (``scrape``), when it has any: degraded answers per point
+    counters: Callable[[], dict[str, float]] | None = None
 
     def run(
         self, server: Server, name: str, port: int, body: Path, rps_total: float | None
     ) -> Point:
         self.runs += 1
+        before = self.counters() if self.counters else None
         log = self.workdir / f"h2load-{self.runs}.tsv"
         log.unlink(missing_ok=True)  # h2load appends
         args = [
@@ -435,6 +440,9 @@ class Harness:
         failed = int(m_req.group(5)) + int(m_req.group(6)) + int(m_req.group(7)) + non_200
         rps = float(m_fin.group(2))
         done_in_window = rps * elapsed
+        degraded = None
+        if self.counters and before is not None:
+            degraded = int(self.counters()["degraded"] - before["degraded"])
         return Point(
             server=name,
             mode="closed" if rps_total is None else "open",
@@ -450,6 +458,7 @@ class Harness:
             redis_cpu_us_per_req=(rcpu / done_in_window * 1e6)
             if self.redis_pid and done_in_window
             else None,
+            degraded=degraded,
         )
 
     def curve(
@@ -471,7 +480,8 @@ def report(p: Point) -> None:
     print(
         f"  {p.server:6} {p.mode:6} target {target} rps {p.rps:8.1f}  p50 {p.p50_ms:7.2f} ms  "
         f"p90 {p.p90_ms:7.2f}  p99 {p.p99_ms:7.2f}  max {p.max_ms:7.2f}  "
-        f"cpu/req {cpu} us  failed {p.failed}",
+        f"cpu/req {cpu} us  failed {p.failed}"
+        + (f"  degraded {p.degraded}" if p.degraded is not None else ""),
         flush=True,
     )
 
@@ -667,6 +677,7 @@ def run(
     )  # fmt: skip
     target = f"127.0.0.1:{port}"
     metrics_ports = [metrics_base + i for i in range(args.workers)]
+    harness.counters = lambda: scrape(metrics_ports)
     print(
         f"server: --workers {args.workers}, batch {args.batch}, h2load -c {args.clients} "
         f"-m {args.streams} -D {args.duration:g}s, pinned: {server_cpus is not None}",
@@ -737,6 +748,7 @@ def run(
             if call_once(f"127.0.0.1:{echo_port}", requests[args.batch]) != responses[args.batch]:
                 problems.append("echo answer differs from the server's")
             harness.redis_pid = None
+            harness.counters = None
             echo_peak, echo_points = harness.curve(
                 echo, "echo", echo_port, bodies[args.batch], fractions
             )
