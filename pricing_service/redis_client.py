@@ -211,6 +211,8 @@ class ReplicaWaitResult:
     """What one :meth:`ReplicaAcks.wait` found, per primary written to."""
 
     primaries: int = 0
+    #: the primaries (``host:port``; ``standalone``) holding the keys
+    names: list[str] | None = None
     #: primaries with no connected replica: nothing to wait for, the writes are unprotected
     unprotected: list[str] | None = None
     #: primaries whose ``WAIT`` got fewer acknowledgements than asked within the timeout
@@ -284,8 +286,9 @@ class ReplicaAcks:
 
     async def wait(self, keys: Iterable[str]) -> ReplicaWaitResult:
         """Marker + ``WAIT`` on every primary holding one of ``keys``."""
-        result = ReplicaWaitResult(unprotected=[], short=[])
+        result = ReplicaWaitResult(names=[], unprotected=[], short=[])
         assert result.unprotected is not None and result.short is not None
+        assert result.names is not None
         if self.replicas <= 0:
             return result
         if not is_cluster(self.client):
@@ -293,6 +296,7 @@ class ReplicaAcks:
             if not keys:
                 return result
             result.primaries = 1
+            result.names.append("standalone")
             if await self._connected_replicas("standalone", None) < self.replicas:
                 result.unprotected.append("standalone")
                 return result
@@ -311,6 +315,7 @@ class ReplicaAcks:
             if node is not None and node.name not in by_node:
                 by_node[node.name] = (node, self.marker(key))
         result.primaries = len(by_node)
+        result.names.extend(by_node)
         todo: list[tuple[ClusterNode, str]] = []
         for name, (node, marker) in by_node.items():
             if await self._connected_replicas(name, node) < self.replicas:

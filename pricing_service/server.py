@@ -184,9 +184,9 @@ class PricingServer:
         log.info("health_changed", serving=ok)
 
     async def _health_loop(self, redis: object) -> None:
-        from redis.asyncio import Redis  # noqa: PLC0415
+        from redis.asyncio import Redis, RedisCluster  # noqa: PLC0415
 
-        assert isinstance(redis, Redis)
+        assert isinstance(redis, (Redis, RedisCluster))  # make_redis: either, by the URL
         # Ends by itself once shutdown starts: a cancellation that lands inside the ping can be
         # swallowed (redis-py / asyncio.timeout), and awaiting the cancelled task then hung the
         # shutdown forever (found by tests/fault: SIGTERM while Redis was slow).

@@ -270,7 +270,7 @@ class StreamConsumer:
                 replicas=settings.redis_wait_replicas,
                 timeout_ms=settings.redis_wait_timeout_ms,
             )
-        self._unprotected_logged = False
+        self._unprotected: set[str] = set()  # primaries last seen without a replica
         self.group = settings.consumer_group
         self.name = consumer_name or settings.consumer_name or default_consumer_name()
         self.watermark_interval_s = watermark_interval_ms / 1000
@@ -333,6 +333,11 @@ class StreamConsumer:
                 except OUTAGE_ERRORS as exc:
                     await self._outage(exc)
                 except ResponseError as exc:
+                    if str(exc).startswith("UNBLOCKED"):
+                        # a blocked XREADGROUP ends like this when its master became a
+                        # replica (Redis Cluster failover): the client follows the new master
+                        await self._outage(exc)
+                        continue
                     if "NOGROUP" in str(exc):  # Redis lost the stream or the group
                         log.warning("stream_group_missing", stream=self.stream, group=self.group)
                         self._setup_needed = True
@@ -546,18 +551,19 @@ class StreamConsumer:
         attempt = 0
         while True:
             r = await self.replica_acks.wait(keys)
-            if r.unprotected:
+            unprotected = set(r.unprotected or ())
+            if unprotected:
                 self.stats.replication_unprotected += 1
-                if not self._unprotected_logged:
-                    self._unprotected_logged = True
+                if unprotected - self._unprotected:
                     log.warning(
                         "replication_unprotected",
-                        primaries=r.unprotected,
+                        primaries=sorted(unprotected - self._unprotected),
                         detail="no replica in sync: membership writes acknowledged without WAIT",
                     )
-            elif self._unprotected_logged and r.primaries:
-                self._unprotected_logged = False
-                log.info("replication_protected", primaries=r.primaries)
+            protected_again = self._unprotected & (set(r.names or ()) - unprotected)
+            if protected_again:
+                log.info("replication_protected", primaries=sorted(protected_again))
+            self._unprotected = (self._unprotected - protected_again) | unprotected
             if r.ok:
                 return True
             attempt += 1
