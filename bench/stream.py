@@ -48,6 +48,17 @@ def pct(values: Sequence[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def redis_cpu_s(r: aioredis.Redis) -> float:
+    info: Any = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def start_consumer(url: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}
     env.update(
@@ -112,16 +123,35 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             now_p = time.perf_counter()
             if t_first is None and read > 0:
                 t_first, read_first = now_p, read
+                cpu0, rcpu0 = proc_cpu_s(proc.pid), await redis_cpu_s(r)
             if read >= n and pending == 0 and lag == 0:
                 t_end = now_p
+                cpu_us = (proc_cpu_s(proc.pid) - cpu0) / max(n - read_first, 1) * 1e6
+                rcpu_us = (await redis_cpu_s(r) - rcpu0) / max(n - read_first, 1) * 1e6
                 break
             await asyncio.sleep(0.01)
         assert t_first is not None
         rate = (n - read_first) / max(t_end - t_first, 1e-9)
         print(
-            f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s"
+            f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s;"
+            f" CPU per event: consumer {cpu_us:.1f} us, redis {rcpu_us:.1f} us"
         )
-        return {"events_per_s": round(rate), "throughput_events": n, "proc": proc, "redis": r}
+        # start the latency phase only once the watermark has caught up too
+        last: Any = await r.xrevrange(STREAM, count=1)
+        last_ms = int(last[0][0].split(b"-")[0])
+        wm_key = MembershipLayout(NS).watermark_key
+        for _ in range(3000):  # polling another process's progress
+            if int(await r.get(wm_key) or 0) > last_ms:
+                break
+            await asyncio.sleep(0.01)
+        return {
+            "events_per_s": round(rate),
+            "throughput_events": n,
+            "consumer_cpu_us_per_event": round(cpu_us, 1),
+            "redis_cpu_us_per_event": round(rcpu_us, 1),
+            "proc": proc,
+            "redis": r,
+        }
     except BaseException:
         proc.kill()
         raise
@@ -227,7 +257,13 @@ def main() -> None:
         result = asyncio.run(run(args, server.url))
     finally:
         server.close()
-    result.update({"rate_target": args.rate, "cpus": os.cpu_count()})
+    result.update(
+        {
+            "rate_target": args.rate,
+            "cpus": os.cpu_count(),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        }
+    )
     print(json.dumps(result))
 
 
