@@ -407,3 +407,42 @@ async def test_a_buyer_key_of_the_wrong_type_fails_the_load_but_not_the_others(
     assert report["failed_users"] == 1
     state = redis_state(redis_url, namespace, now_ms())
     assert set(state) == {("fine", Crowd("1", CrowdKind.ALL_FANS))}
+
+
+@pytest.mark.fault
+async def test_redis_restarted_during_a_load_then_the_load_completes(
+    tmp_path: Path, cut: int
+) -> None:
+    """A private redis-server (AOF on) is stopped mid-load and started again: the loader retries
+    the batch in hand with backoff and finishes; the result equals the model."""
+    from tests.support.redis_server import RedisServer, free_port  # noqa: PLC0415
+
+    server = RedisServer(free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+    try:
+        server.start()
+    except RuntimeError as exc:
+        from tests.conftest import service_missing  # noqa: PLC0415
+
+        service_missing("redis-server binary", exc)
+        return
+    try:
+        import asyncio  # noqa: PLC0415
+
+        s = make_settings(server.url, "out:")
+        rows = list(realistic_rows(30_000, cut, seed=21, sellers=1000))
+        write_snapshot(tmp_path, rows, cut, part_rows=10_000)
+        client = aioredis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
+        loader = SnapshotLoader(s, client, batch_rows=300)
+        task = asyncio.create_task(loader.load(tmp_path))
+        await asyncio.sleep(0.4)
+        assert not task.done(), "the load finished before the outage; make it bigger"
+        server.stop()
+        await asyncio.sleep(1.0)
+        server.start()
+        report = await asyncio.wait_for(task, 60)
+        await client.aclose()
+        assert report.status == "loaded"
+        assert report.rows_read == len(rows)
+        assert redis_state(server.url, "out:", now_ms()) == model_of(rows, cut, s).live(now_ms())
+    finally:
+        server.close()
