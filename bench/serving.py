@@ -591,6 +591,13 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help="also measure the server's peak at this batch size (0 = skip)",
     )
+    p.add_argument(
+        "--membership-budget-ms",
+        type=int,
+        default=None,
+        help="PRICING_MEMBERSHIP_BUDGET_MS of the server (default: the server's own, 50 ms); "
+        "on a host starved by other work, event-loop lag blows the budget and answers degrade",
+    )
     p.add_argument("--pin", choices=["auto", "off"], default="auto")
     p.add_argument("--no-echo", action="store_true", help="skip the echo baseline")
     p.add_argument("--plot", default="docs/benchmarks/serving.png", help="PNG path ('' = none)")
@@ -649,6 +656,8 @@ def run(
             "PRICING_LOG_LEVEL": "INFO",
         }
     )
+    if args.membership_budget_ms is not None:
+        env["PRICING_MEMBERSHIP_BUDGET_MS"] = str(args.membership_budget_ms)
     settings = load_settings(
         redis_url=redis.url,
         redis_namespace=NAMESPACE,
@@ -765,6 +774,7 @@ def run(
         "clients": args.clients,
         "streams": args.streams,
         "pinned": server_cpus is not None,
+        "membership_budget_ms": args.membership_budget_ms,
         "rps": round(peak.rps, 1),
         "items_per_s": round(peak.rps * args.batch, 1),
         "p50_ms": peak.p50_ms,
