@@ -32,6 +32,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ClusterError,
+    ReadOnlyError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -58,6 +59,9 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     # async cluster sends ASKING and the redirected command on different pooled
     # connections, so ASK is not honoured until the slot has moved (then MOVED works).
     ClusterError,
+    # "READONLY You can't write against a read only replica": a write that reached a master
+    # in the moment it was demoted (failover), before the client learnt the new topology
+    ReadOnlyError,
     ConnectionError,
     OSError,
 )

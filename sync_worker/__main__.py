@@ -2,7 +2,7 @@
 
 Commands::
 
-    sync-worker load-snapshot DIR [--parts 0,2 | --worker-index I --workers N | --jobs N]
+    sync-worker load-snapshot DIR [--parts 0,2 | --worker-index I --workers N | --jobs N | --claim]
     sync-worker consume
     sync-worker publish --type follow --user U --seller S [--at RFC3339] [--event-id ID]
     sync-worker publish --file events.jsonl
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--worker-index", type=int, default=None, help="load parts i, i+n, ...")
     load.add_argument("--workers", type=int, default=None, help="n, with --worker-index")
     load.add_argument("--jobs", type=int, default=1, help="load with N processes")
+    load.add_argument(
+        "--claim",
+        action="store_true",
+        help="share the parts with every other --claim loader of this snapshot (a claim per "
+        "part in Redis); run as many as you like, on any hosts",
+    )
     load.add_argument("--batch-rows", type=int, default=None, help="rows per write batch")
     load.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
@@ -103,6 +109,9 @@ def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
         except ValueError:
             print("sync-worker: --parts must be comma-separated integers", file=sys.stderr)
             return 2
+    if args.claim and (parts is not None or args.worker_index is not None or args.jobs > 1):
+        print("sync-worker: --claim excludes --parts, --worker-index and --jobs", file=sys.stderr)
+        return 2
     if args.jobs > 1:
         if parts is not None or args.worker_index is not None:
             print("sync-worker: --jobs excludes --parts and --worker-index", file=sys.stderr)
@@ -125,7 +134,8 @@ def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
             worker_index=args.worker_index,
             workers=args.workers,
             batch_rows=args.batch_rows,
-            progress=bar,
+            progress=None if args.claim else bar,
+            claim=args.claim,
         )
     )
     print(json.dumps(report), flush=True)
@@ -144,15 +154,20 @@ async def _load_one(
     workers: int | None = None,
     batch_rows: int | None = None,
     progress: Any = None,
+    claim: bool = False,
 ) -> dict[str, Any]:
+    from sync_worker.claims import load_claiming  # noqa: PLC0415
     from sync_worker.snapshot import SnapshotLoader  # noqa: PLC0415
 
     redis = make_redis(settings, socket_timeout_ms=max(settings.redis_socket_timeout_ms, 10_000))
     try:
         loader = SnapshotLoader(settings, redis, batch_rows=batch_rows, progress=progress)
-        report = await loader.load(
-            directory, parts=parts, worker_index=worker_index, workers=workers
-        )
+        if claim:
+            report = await load_claiming(loader, directory)
+        else:
+            report = await loader.load(
+                directory, parts=parts, worker_index=worker_index, workers=workers
+            )
     finally:
         await redis.aclose()
     out = report.as_dict()

@@ -624,10 +624,15 @@ class SnapshotLoader:
         parts: Sequence[int] | None = None,
         worker_index: int | None = None,
         workers: int | None = None,
+        validated: tuple[Manifest, list[int]] | None = None,
     ) -> LoadReport:
-        """Validate, then load the selected parts (all by default), resuming from checkpoints."""
+        """Validate, then load the selected parts (all by default), resuming from checkpoints.
+
+        ``validated`` is :meth:`validate`'s result for ``directory`` when the caller already
+        has it (:mod:`sync_worker.claims` loads part by part without re-counting every part).
+        """
         t0 = time.monotonic()
-        manifest, counts = self.validate(directory)
+        manifest, counts = validated or self.validate(directory)
         sid = snapshot_id(manifest, counts)
         selected = self.select_parts(
             manifest.files, parts=parts, worker_index=worker_index, workers=workers

@@ -199,12 +199,13 @@ def test_end_to_end_on_a_cluster_through_resharding_failover_and_a_killed_master
     write_snapshot(tmp_path / "snap", now - timedelta(minutes=5), BUYERS[:30])
     loads = [
         sync_worker(env, tmp_path / f"load{i}.log", "load-snapshot", str(tmp_path / "snap"),
-                    "--worker-index", str(i), "--workers", "2")
+                    "--claim")
         for i in range(2)
     ]  # fmt: skip
     assert [p.proc.wait(60) for p in loads] == [0, 0], [p.log() for p in loads]
     reports = [json.loads(p.log().strip().splitlines()[-1]) for p in loads]
-    assert sorted(r["memberships_written"] for r in reports) == [15, 15]
+    assert sum(r["memberships_written"] for r in reports) == 30  # each part loaded once
+    assert sorted(p for r in reports for p in r["parts"]) == ["part-00000.csv", "part-00001.csv"]
 
     server = pricing_service(env, tmp_path / "server.log")
     workers: list[Proc] = []

@@ -8,8 +8,10 @@ a replica in sync, for the next test.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -28,6 +30,8 @@ from pricing_service.redis_client import (
     make_redis,
     parse_cluster_url,
 )
+from sync_worker.claims import claim_key, load_claiming
+from sync_worker.common import format_rfc3339_ms
 from sync_worker.consumer import StreamConsumer
 from sync_worker.events import FOLLOW, UNFOLLOW, EventPublisher, make_event
 from sync_worker.partitions import (
@@ -36,6 +40,7 @@ from sync_worker.partitions import (
     partition_of,
     partition_streams,
 )
+from sync_worker.snapshot import SnapshotLoader, snapshot_id
 from tests.conftest import service_missing
 from tests.support.redis_cluster import RedisCluster, keyslot
 
@@ -369,3 +374,57 @@ async def test_single_stream_consumer_acknowledges_only_after_wait_on_the_cluste
         assert pending["pending"] == 0
     finally:
         await consumer.redis.aclose()
+
+
+# --- snapshot loaders sharing parts by claims --------------------------------------------------
+def write_parts(directory: Path, cut_ms: int, parts: int, per_part: int) -> list[str]:
+    directory.mkdir()
+    cut = format_rfc3339_ms(cut_ms)
+    followed = format_rfc3339_ms(cut_ms - 3 * 86_400_000)
+    files, users = [], []
+    for p in range(parts):
+        name = f"part-{p:03d}.csv"
+        files.append(name)
+        with (directory / name).open("w") as f:
+            f.write("user_id,seller_id,followed_at,purchase_count\n")
+            for i in range(per_part):
+                users.append(f"snap{p}-{i}")
+                f.write(f"snap{p}-{i},42,{followed},0\n")
+    manifest = {"snapshot_time": cut, "files": files, "rows": parts * per_part}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return users
+
+
+async def test_claiming_loaders_split_the_parts_and_take_over_a_dead_loaders_part(
+    cluster: RedisCluster, client: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    settings = consumer_settings(cluster, namespace, 1)
+    users = write_parts(tmp_path / "snap", now_ms() - 60_000, parts=6, per_part=40)
+    loaders = [SnapshotLoader(settings, client, batch_rows=10) for _ in range(2)]
+    manifest, counts = loaders[0].validate(tmp_path / "snap")
+    sid = snapshot_id(manifest, counts)
+    # a loader that died holding part 5: its claim lapses after its lease
+    dead = claim_key(namespace, sid, manifest.files[5])
+    await client.set(dead, "dead-loader", px=1500)
+    t0 = time.monotonic()
+    reports = await asyncio.gather(
+        *(
+            load_claiming(loader, tmp_path / "snap", lease_ms=3000, poll_s=0.1, owner=f"L{i}")
+            for i, loader in enumerate(loaders)
+        )
+    )
+    assert time.monotonic() - t0 >= 1.0  # part 5 waited for the dead claim to lapse
+    assert all(r.ok for r in reports), [r.as_dict() for r in reports]
+    loaded = [p for r in reports for p in r.parts]
+    assert sorted(loaded) == sorted(manifest.files)  # every part once, by one loader
+    assert all(r.parts for r in reports)  # both loaders got work
+    assert sum(r.memberships_written for r in reports) == len(users)
+    assert all(r.parts_skipped_done == sorted(manifest.files) for r in reports)
+    store = MembershipStore(client, MembershipLayout(namespace), SystemClock())
+    for u in users[::7]:
+        assert await store.member_crowds(u, [FANS]) == {FANS}, u
+    for f in manifest.files:  # claims released
+        assert await client.exists(claim_key(namespace, sid, f)) == 0
+    # a third run finds everything done and writes nothing
+    again = await load_claiming(loaders[0], tmp_path / "snap", owner="L9")
+    assert again.status == "already_loaded" and again.memberships_written == 0 and not again.parts
