@@ -39,6 +39,7 @@ from tests.support.procs import (
     wait_serving,
 )
 from tests.support.redis_cluster import RedisCluster, keyslot
+from tests.support.rule_stores import pg_schema
 
 pytestmark = pytest.mark.integration
 ADMIN = (("authorization", "Bearer test-admin-token"),)
@@ -320,3 +321,100 @@ def cluster_get(cluster: RedisCluster, key: str) -> int | None:
         except redis.RedisError:
             return None
     return int(raw) if raw is not None else None
+
+
+def test_a_rule_change_reaches_every_pricing_replica_within_the_refresh_bound(
+    cluster: RedisCluster, namespace: str, tmp_path: Path, pg_url: str
+) -> None:
+    """Three pricing-service replicas on one PostgreSQL rule store and the Redis Cluster: a
+    rule written through one replica prices on all three within the refresh interval (plus
+    scheduling slack on this shared machine), and a deletion likewise."""
+    cluster.wait_ok()
+    interval_ms = 200
+    with pg_schema(pg_url) as store_url:
+        envs = [
+            service_env(
+                redis_url=cluster.url,
+                namespace=namespace,
+                tmp=tmp_path,
+                extra={
+                    "PRICING_RULE_STORE_URL": store_url,
+                    "PRICING_RULE_REFRESH_INTERVAL_MS": str(interval_ms),
+                },
+            )
+            for _ in range(3)
+        ]
+        servers = [pricing_service(e, tmp_path / f"replica{i}.log") for i, e in enumerate(envs)]
+        try:
+            for e, s in zip(envs, servers, strict=True):
+                wait_serving(e["PRICING_LISTEN"], s)
+            channels = [grpc.insecure_channel(e["PRICING_LISTEN"]) for e in envs]
+            stubs = [pricing_pb2_grpc.PricingServiceStub(c) for c in channels]
+            admin = admin_pb2_grpc.DiscountAdminServiceStub(channels[0])
+
+            admin.UpsertDiscountRule(
+                admin_pb2.UpsertDiscountRuleRequest(
+                    rule=admin_pb2.DiscountRule(
+                        seller_id="42",
+                        item_id="1001",
+                        crowd=common_pb2.CROWD_KIND_ALL_FANS,
+                        price=common_pb2.Money(currency_code="CNY", amount_minor=1888),
+                    )
+                ),
+                metadata=ADMIN,
+                timeout=5,
+            )
+            seed_fan(cluster, namespace, "fan")
+            delays = [visible_for_fan(stubs, 1888)]
+            admin.UpsertDiscountRule(
+                admin_pb2.UpsertDiscountRuleRequest(
+                    rule=admin_pb2.DiscountRule(
+                        seller_id="42",
+                        item_id="1001",
+                        crowd=common_pb2.CROWD_KIND_ALL_FANS,
+                        price=common_pb2.Money(currency_code="CNY", amount_minor=1700),
+                    ),
+                ),
+                metadata=ADMIN,
+                timeout=5,
+            )
+            delays.append(visible_for_fan(stubs, 1700))
+            bound_s = interval_ms / 1000 + 0.8  # one poll interval + slack for a loaded host
+            assert max(delays) < bound_s, delays
+            for c in channels:
+                c.close()
+        finally:
+            codes = [s.terminate() for s in servers]
+        assert codes == [0, 0, 0], [s.log_path.read_text()[-2000:] for s in servers]
+
+
+def seed_fan(cluster: RedisCluster, namespace: str, user: str) -> None:
+    async def go() -> None:
+        from pricing_service.domain import SystemClock  # noqa: PLC0415
+        from pricing_service.membership import derive  # noqa: PLC0415
+        from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
+
+        client = make_redis(load_settings(redis_url=cluster.url))
+        try:
+            store = MembershipStore(client, MembershipLayout(namespace), SystemClock())
+            ttls = derive.Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
+            at = time.time_ns() // 1_000_000 - 1000
+            await store.apply(derive.follow(user, "42", at, ttls))
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+def visible_for_fan(stubs: list[pricing_pb2_grpc.PricingServiceStub], amount: int) -> float:
+    """Seconds until every replica prices item 1001 for ``fan`` at ``amount`` (discounted)."""
+    start = time.monotonic()
+    pending = set(range(len(stubs)))
+    while pending:
+        for i in list(pending):
+            p = price(stubs[i], "fan")
+            if p.discounted and p.price.amount_minor == amount:
+                pending.discard(i)
+        assert time.monotonic() - start < 5, f"replicas {sorted(pending)} never showed {amount}"
+        time.sleep(0.005)
+    return time.monotonic() - start
