@@ -20,10 +20,12 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.fault.conftest import PostgresServer, System
-from tests.support.load import Load
+from pricing.v1 import pricing_pb2, pricing_pb2_grpc
+from tests.fault.conftest import FAULT_ENV, STRICT_MAX_LAG_MS, PostgresServer, System
+from tests.support.load import ITEM, Call, Load
 
 pytestmark = pytest.mark.fault
+BUDGET_MS = int(FAULT_ENV["PRICING_MEMBERSHIP_BUDGET_MS"])
 
 
 def now_ms() -> float:
@@ -39,14 +41,22 @@ def rows_done(checkpoints: dict[Any, Any]) -> int:
     return sum(int(json.loads(v)["offset"]) for v in checkpoints.values())
 
 
-def assert_recovered(load: Load, since_ms: float) -> None:
-    """After the fault: batch answers undegraded again, strict answers again."""
-    batch = load.calls_between("BatchGetLowestPrice", since_ms, now_ms())
-    strict = load.calls_between("CheckDiscountStrict", since_ms, now_ms())
-    assert batch and not any(c.degraded for c in batch), (
-        f"{sum(c.degraded for c in batch)}/{len(batch)} batch answers still degraded"
-    )
-    assert strict and all(c.code == "OK" for c in strict), {c.code for c in strict}
+def assert_mostly_fresh(calls: list[Call], what: str) -> None:
+    """Undegraded answers, bar a CPU hiccup or two (the budget is 200 ms on a busy 2-core box)."""
+    stale = sum(c.degraded for c in calls)
+    assert calls and stale <= max(2, len(calls) // 50), f"{what}: {stale}/{len(calls)}"
+
+
+def assert_recovered(load: Load) -> None:
+    """In the last second of load, after the fault: batch answers undegraded again, strict
+    answers again."""
+    assert load.stopped_ms, "call after load.stop()"
+    since_ms = load.stopped_ms - 1000
+    batch = load.calls_between("BatchGetLowestPrice", since_ms, load.stopped_ms)
+    strict = load.calls_between("CheckDiscountStrict", since_ms, load.stopped_ms)
+    assert_mostly_fresh(batch, "batch answers still degraded after the fault")
+    refused = [c.code for c in strict if c.code != "OK"]
+    assert strict and len(refused) <= max(1, len(strict) // 50), refused
 
 
 async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:
@@ -62,12 +72,12 @@ async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
-    during = load.calls_between("BatchGetLowestPrice", killed + 100, restarted)
+    during = load.calls_between("BatchGetLowestPrice", killed + 100, restarted - 100)
     fresh = [(c.user, c.start_ms - killed) for c in during if not c.degraded]
     assert during and not fresh, f"undegraded answers without Redis: {fresh[:5]} of {len(during)}"
     refused = load.calls_between("CheckDiscountStrict", killed + 100, restarted)
     assert refused and all(c.code != "OK" for c in refused), "strict answered without Redis"
-    assert_recovered(load, now_ms() - 1000)
+    assert_recovered(load)
     assert load.publish_errors > 0, summary  # the producers felt the outage too
     print(summary)
 
@@ -85,12 +95,13 @@ async def test_redis_hung_by_sigstop_then_sigcont(running: tuple[System, Load]) 
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
-    during = load.calls_between("BatchGetLowestPrice", stopped + 100, resuming)
+    # (a call that starts less than one membership budget before SIGCONT may get its answer)
+    during = load.calls_between("BatchGetLowestPrice", stopped + 100, resuming - BUDGET_MS - 100)
     fresh = [(c.user, c.start_ms - stopped) for c in during if not c.degraded]
     assert during and not fresh, f"undegraded answers from a hung Redis: {fresh[:5]}"
     hung = load.calls_between("CheckDiscountStrict", stopped + 100, resuming - 1000)
     assert hung and all(c.code != "OK" for c in hung), "strict answered from a hung Redis"
-    assert_recovered(load, now_ms() - 1000)
+    assert_recovered(load)
     print(summary)
 
 
@@ -107,18 +118,41 @@ async def test_client_pause(running: tuple[System, Load], mode: str) -> None:
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
-    batch = load.calls_between("BatchGetLowestPrice", paused + 100, unpaused - 100)
-    strict = load.calls_between(
-        "CheckDiscountStrict", paused + (100 if mode == "ALL" else 1500), unpaused - 100
-    )
+    batch = load.calls_between("BatchGetLowestPrice", paused + 100, unpaused - BUDGET_MS - 100)
+    strict = load.calls_between("CheckDiscountStrict", paused + 100, unpaused - 100)
     if mode == "ALL":  # nothing answers: degrade, refuse
         assert batch and all(c.degraded for c in batch)
         assert strict and all(c.code != "OK" for c in strict)
     else:  # reads answer, but the watermark cannot move: strict refuses once it is too old
-        assert batch and not any(c.degraded for c in batch)
-        assert strict and all(c.code == "UNAVAILABLE" for c in strict), summary
-    assert_recovered(load, now_ms() - 1000)
+        assert_mostly_fresh(batch, "reads work during CLIENT PAUSE WRITE, but were degraded")
+        late = [c for c in strict if c.start_ms > paused + STRICT_MAX_LAG_MS + 300]
+        # refused: SYNC_LAGGING, or (see the xfail below) the strict path's EVAL waits for
+        # the pause and the call runs out of time
+        assert all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in late), late
+        assert any(c.code != "OK" for c in strict), summary
+    assert_recovered(load)
     print(summary)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CheckDiscountStrict reads TIME + watermark with EVAL, which CLIENT PAUSE WRITE (as "
+    "used by Redis failover) blocks: strict calls hang 2 x socket timeout instead of answering "
+    "(EVAL_RO with a no-writes script would not be blocked)",
+)
+async def test_strict_answers_promptly_while_writes_are_paused(
+    running: tuple[System, Load],
+) -> None:
+    _, load = running
+    stub = pricing_pb2_grpc.PricingServiceStub(load.channels[0])
+    await load.redis.client_pause(1500, all=False)
+    start = time.monotonic()
+    r = await stub.CheckDiscountStrict(
+        pricing_pb2.CheckDiscountStrictRequest(user_id=load.pop.fans[0], item_id=ITEM), timeout=3
+    )
+    took = time.monotonic() - start
+    assert r.verdict == pricing_pb2.VERDICT_ELIGIBLE
+    assert took < 0.3, f"{took:.2f} s for a read that needs no write"
 
 
 async def test_sync_worker_sigkill_mid_stream(running: tuple[System, Load]) -> None:
@@ -133,15 +167,21 @@ async def test_sync_worker_sigkill_mid_stream(running: tuple[System, Load]) -> N
     for i, (kind, user, seller, _) in enumerate(burst):
         burst[i] = (kind, user, seller, load._fact_time(user))
     await load._publish(burst, give_up_s=10)
-    deadline = time.monotonic() + 5
-    while (await load.stream_state())["pending"] == 0:
-        assert time.monotonic() < deadline, "the consumer never held a batch"
-        await asyncio.sleep(0.002)
     victim = system.workers[-1]
+    held = 0
+    deadline = time.monotonic() + 10
+    while not held:  # freeze the consumer while it holds a batch, then kill it
+        assert time.monotonic() < deadline, "the consumer never held a batch"
+        if (await load.stream_state())["pending"] == 0:
+            await asyncio.sleep(0.002)
+            continue
+        victim.proc.send_signal(signal.SIGSTOP)
+        held = (await load.stream_state())["pending"]
+        if not held:
+            victim.proc.send_signal(signal.SIGCONT)
     await in_thread(victim.kill)
     killed = now_ms()
-    held = (await load.stream_state())["pending"]
-    assert held > 0, "killed between batches; the test wants a batch in hand"
+    assert (await load.stream_state())["pending"] == held
     await asyncio.sleep(2.0)
     restarting = now_ms()
     system.start_worker()
@@ -153,7 +193,7 @@ async def test_sync_worker_sigkill_mid_stream(running: tuple[System, Load]) -> N
     assert blind and all(c.code == "UNAVAILABLE" for c in blind), (
         "strict answered while the worker was dead"
     )
-    assert_recovered(load, now_ms() - 1000)
+    assert_recovered(load)
     print(held, summary)
 
 
@@ -282,11 +322,58 @@ async def test_postgresql_restart(system: System, private_pg: PostgresServer) ->
         await load.close()
     load.assert_no_violations()
     down = load.calls_between("CheckDiscountStrict", stopped + 100, restarting)
-    assert down and all(c.code == "UNAVAILABLE" for c in down), summary
+    # refused: UNAVAILABLE, or the pool's wait for a connection outlasts the 1 s deadline
+    assert down and all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in down), summary
     pages = load.calls_between("BatchGetLowestPrice", stopping, restarting)
-    assert pages and not any(c.degraded for c in pages), "pages need no rule store"
+    assert_mostly_fresh(pages, "pages need no rule store, but were degraded")
     assert load.admin_failures and set(load.admin_failures) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
-    assert_recovered(load, now_ms() - 1000)
+    assert_recovered(load)
     codes = system.stop_all()
     assert all(c == 0 for c in codes.values()), f"{codes}\n{system.logs()}"
     print(summary)
+
+
+async def test_sync_worker_hung_by_sigstop(running: tuple[System, Load]) -> None:
+    """A hung consumer applies nothing: strict must refuse once the watermark is too old."""
+    system, load = running
+    worker = system.workers[-1]
+    load.start()
+    await asyncio.sleep(0.5)
+    stopped = now_ms()
+    worker.proc.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(2.5)
+    resumed = now_ms()
+    worker.proc.send_signal(signal.SIGCONT)
+    await asyncio.sleep(2.0)
+    await load.stop()
+    summary = await load.check_final_state()
+    load.assert_no_violations()
+    blind = load.calls_between("CheckDiscountStrict", stopped + 1300, resumed)
+    assert blind and all(c.code == "UNAVAILABLE" for c in blind), summary
+    assert_recovered(load)
+
+
+async def test_the_oracle_catches_a_server_that_grants_unproven_discounts(system: System) -> None:
+    """Control: a server told to tolerate a 10-minute-old watermark grants the discount to
+    buyers whose unfollow it has not applied (the consumer is hung), and the load's strict
+    check must flag exactly that. Proves the safety checks of the other tests can fail."""
+    system.env["PRICING_STRICT_MAX_LAG_MS"] = "600000"
+    system.start_server()
+    worker = system.start_worker()
+    load = system.load(unfollow_spread_s=1.0)
+    try:
+        await load.seed_state()
+        await load.wait_strict_ready()
+        worker.proc.send_signal(signal.SIGSTOP)
+        load.start(batch=False, admin=False, events=False)
+        await asyncio.sleep(3.0)
+        await load.stop()
+        worker.proc.send_signal(signal.SIGCONT)
+        await load.settle()
+    finally:
+        await load.close()
+    wrong = [v for v in load.violations if v.what == "strict_wrongly_eligible"]
+    assert wrong, load.summary()
+    assert {v.what for v in load.violations} == {"strict_wrongly_eligible"}
+    codes = system.stop_all()
+    assert all(c == 0 for c in codes.values()), codes

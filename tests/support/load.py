@@ -242,6 +242,7 @@ class Load:
         self.poison_published = 0
         self.publish_errors = 0
         self.last_ack_ms = 0.0
+        self.stopped_ms = 0.0
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unfollows: asyncio.Task[None] | None = None
@@ -359,6 +360,7 @@ class Load:
         """Stop the loops; unfollows and unacknowledged event batches are finished first."""
         if self._unfollows is not None:
             await asyncio.wait_for(self._unfollows, timeout_s)
+        self.stopped_ms = time.time() * 1000
         self._stop.set()
         done, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
         for t in pending:
