@@ -24,16 +24,24 @@ import grpc
 import pytest
 import redis
 
-from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    events_pb2,
+    pricing_pb2,
+    pricing_pb2_grpc,
+)
 from pricing_service.config import load_settings
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import TRANSIENT_ERRORS, ReplicaAcks, make_redis
 from sync_worker.events import make_event
-from sync_worker.partitions import PartitionedPublisher
+from sync_worker.partitions import PartitionedPublisher, partition_of
 from tests.conftest import service_missing
 from tests.support.procs import (
     Proc,
     pricing_service,
+    run_sync_worker,
     service_env,
     sync_worker,
     wait_serving,
@@ -418,3 +426,50 @@ def visible_for_fan(stubs: list[pricing_pb2_grpc.PricingServiceStub], amount: in
         assert time.monotonic() - start < 5, f"replicas {sorted(pending)} never showed {amount}"
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+def test_cli_publish_puts_each_event_in_its_buyers_partition(
+    cluster: RedisCluster, namespace: str, tmp_path: Path
+) -> None:
+    cluster.wait_ok()
+    env = service_env(
+        redis_url=cluster.url,
+        namespace=namespace,
+        tmp=tmp_path,
+        extra={"PRICING_EVENT_PARTITIONS": str(PARTITIONS)},
+    )
+    lines = [
+        {
+            "type": "follow",
+            "user_id": f"cli{i}",
+            "seller_id": "42",
+            "occurred_at": 1_750_000_000_000,
+        }
+        for i in range(12)
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    done = run_sync_worker(env, "publish", "--file", str(path))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["published"] == 12
+    bad = run_sync_worker(env, "publish", "--type", "follow", "--user", "", "--seller", "42")
+    assert bad.returncode != 0  # refused before anything is published
+    stream = env["PRICING_EVENTS_STREAM"]
+    with contextlib.closing(
+        redis.RedisCluster(host="127.0.0.1", port=cluster.live[0].port, socket_timeout=5)
+    ) as c:
+        assert c.exists(stream) == 0  # no unpartitioned stream
+        seen: dict[str, str] = {}
+        total = 0
+        for k in range(PARTITIONS):
+            for _, fields in c.xrange(f"{stream}:{{{k}}}") or []:
+                assert fields is not None
+                raw = fields[b"event"]
+                assert isinstance(raw, bytes)
+                ev = events_pb2.RelationEvent.FromString(raw)
+                seen[ev.user_id] = f"{stream}:{{{k}}}"
+                total += 1
+    assert total == 12
+    for user, where in seen.items():
+        assert where == f"{stream}:{{{partition_of(user, PARTITIONS)}}}"
+    assert len(set(seen.values())) > 1  # spread over partitions
