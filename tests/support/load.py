@@ -714,3 +714,6 @@ class Load:
 
     def calls_between(self, method: str, start_ms: float, end_ms: float) -> list[Call]:
         return [c for c in self.calls if c.method == method and start_ms <= c.start_ms < end_ms]
+
+    def calls_between_all(self, start_ms: float, end_ms: float) -> list[Call]:
+        return [c for c in self.calls if start_ms <= c.start_ms < end_ms]
