@@ -270,41 +270,52 @@ async def _publish(
 # --- status -----------------------------------------------------------------------------------------
 async def _status(settings: Settings) -> int:
     from sync_worker.consumer import WATERMARK_LUA  # noqa: PLC0415
+    from sync_worker.partitions import partition_streams  # noqa: PLC0415
 
     redis = make_redis(settings)
     layout = MembershipLayout(settings.redis_namespace)
+    streams = partition_streams(settings.events_stream, settings.event_partitions)
     try:
         raw_w = await redis.get(layout.watermark_key)
-        secs, micros = await redis.time()
+        # TIME where the watermark lives (Redis Cluster: TIME has no key of its own)
+        secs, micros = await redis.eval(
+            "local t = redis.call('TIME') return {t[1], t[2]}", 1, layout.watermark_key
+        )
         now = int(secs) * 1000 + int(micros) // 1000
         w = int(raw_w) if raw_w is not None else None
-        computed = await redis.eval(
-            WATERMARK_LUA, 1, settings.events_stream, settings.consumer_group
-        )
-        length = await redis.xlen(settings.events_stream)
-        dead = await redis.xlen(settings.dead_letter_stream)
+        caught_up = True
+        pending = length = 0
         consumers: list[dict[str, Any]] = []
-        with contextlib.suppress(Exception):
-            for c in await redis.xinfo_consumers(settings.events_stream, settings.consumer_group):
-                consumers.append(
-                    {
+        for stream in streams:
+            computed = await redis.eval(WATERMARK_LUA, 1, stream, settings.consumer_group)
+            # W < 0: no stream (-1) or no consumer group (-2) yet: nothing consumed it
+            caught_up = caught_up and int(computed[0]) >= 0 and computed[3] == 0 == computed[2]
+            pending += int(computed[2])
+            length += int(await redis.xlen(stream))
+            with contextlib.suppress(Exception):
+                for c in await redis.xinfo_consumers(stream, settings.consumer_group):
+                    entry = {
                         "name": _s(c["name"]),
                         "pending": int(c["pending"]),
                         "idle_ms": int(c["idle"]),
                     }
-                )
+                    if len(streams) > 1:
+                        entry["stream"] = stream
+                    consumers.append(entry)
+        dead = await redis.xlen(settings.dead_letter_stream)
     finally:
         await redis.aclose()
     print(
         json.dumps(
             {
                 "stream": settings.events_stream,
+                "partitions": len(streams),
                 "group": settings.consumer_group,
                 "watermark_ms": w,
                 "lag_ms": now - w if w is not None else None,
-                "caught_up": bool(computed[3] == 0 and computed[2] == 0),
-                "pending": int(computed[2]),
-                "stream_length": int(length),
+                "caught_up": bool(caught_up),
+                "pending": pending,
+                "stream_length": length,
                 "dead_letters": int(dead),
                 "consumers": consumers,
             }

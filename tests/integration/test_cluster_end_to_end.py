@@ -473,3 +473,8 @@ def test_cli_publish_puts_each_event_in_its_buyers_partition(
     for user, where in seen.items():
         assert where == f"{stream}:{{{partition_of(user, PARTITIONS)}}}"
     assert len(set(seen.values())) > 1  # spread over partitions
+    status = run_sync_worker(env, "status")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert (report["partitions"], report["stream_length"]) == (PARTITIONS, 12)
+    assert report["watermark_ms"] is None and not report["caught_up"]  # no consumer yet
