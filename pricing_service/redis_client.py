@@ -33,6 +33,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     ReadOnlyError,
+    RedisClusterException,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -122,6 +123,20 @@ class BoundedRedisCluster(aioredis.RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._slots:
             return await super().execute_command(*args, **kwargs)
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> BoundedRedisCluster:
+        """Discover the cluster; no reachable seed is a ``ConnectionError`` (an outage).
+
+        redis-py raises ``RedisClusterException``, which is not a ``RedisError``: callers that
+        degrade or retry on Redis outages would see an unexpected exception instead.
+        """
+        try:
+            await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            if isinstance(exc, SlotNotCoveredError):
+                raise
+            raise RedisConnectionError(f"Redis Cluster not reachable: {exc}") from exc
+        return self
 
 
 def make_redis(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pricing.v1 import events_pb2
 from pricing_service.config import Settings, load_settings
@@ -43,6 +44,7 @@ from sync_worker.partitions import (
 from sync_worker.snapshot import SnapshotLoader, snapshot_id
 from tests.conftest import service_missing
 from tests.support.redis_cluster import RedisCluster, keyslot
+from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -440,3 +442,21 @@ async def test_claiming_loaders_split_the_parts_and_take_over_a_dead_loaders_par
     # a third run finds everything done and writes nothing
     again = await load_claiming(loaders[0], tmp_path / "snap", owner="L9")
     assert again.status == "already_loaded" and again.memberships_written == 0 and not again.parts
+
+
+async def test_an_unreachable_cluster_is_an_outage_not_an_unexpected_error() -> None:
+    """No seed answers: the client raises a ConnectionError (callers degrade or retry on it),
+    not redis-py's RedisClusterException (not a RedisError)."""
+    port = free_port()
+    client = make_redis(
+        load_settings(redis_url=f"redis+cluster://127.0.0.1:{port}", redis_connect_timeout_ms=200)
+    )
+    try:
+        with pytest.raises(RedisConnectionError):
+            await client.hmget("cm:{u}", ["1"])
+        with pytest.raises(RedisConnectionError):
+            await MembershipStore(client, MembershipLayout("x:"), SystemClock()).apply(
+                follows(["u"], now_ms() - 1000)
+            )
+    finally:
+        await client.aclose()
