@@ -54,9 +54,9 @@ import structlog
 from pricing_service.config import Settings
 from pricing_service.domain import Clock, SystemClock
 from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
-from pricing_service.membership.derive import MembershipWrite, Ttls, snapshot_row
+from pricing_service.membership.derive import MembershipWrite, SnapshotEncoder, Ttls, snapshot_row
 from pricing_service.membership.layout import MembershipLayout
-from pricing_service.membership.store import ApplyResult, MembershipStore
+from pricing_service.membership.store import ApplyResult, MembershipStore, group_writes
 from sync_worker.common import TimeFormatError, format_rfc3339_ms, id_problem, parse_rfc3339_ms
 
 log = structlog.get_logger("sync_worker.snapshot")
@@ -159,7 +159,7 @@ def _csv_rows(f: TextIO, path: Path) -> Iterator[list[str]]:
         raise _bad(
             path.name, f"header must be {HEADER!r}, got {','.join(header or [])!r}", "BAD_HEADER"
         )
-    return (rec for rec in reader if rec)  # blank lines are not rows
+    return filter(None, reader)  # blank lines (empty records) are not rows
 
 
 def count_rows(path: Path) -> int:
@@ -207,6 +207,8 @@ class RowParser:
         self.rejected: collections.Counter[str] = collections.Counter()
         self.samples: list[dict[str, Any]] = []
         self._sampled: collections.Counter[str] = collections.Counter()
+        #: the fast path of well-formed rows (writes encoded by buyer, no MembershipWrite)
+        self.encoder = SnapshotEncoder(cut_ms, ttls)
 
     def reject(self, reason: str, part: str, row_no: int, raw: object) -> None:
         self.rejected[reason] += 1
@@ -285,13 +287,32 @@ def _id_reason(which: str, problem: str | None) -> str:
 
 @dataclass(slots=True)
 class Batch:
-    """Rows ``[start, end)`` of one part, parsed."""
+    """Rows ``[start, end)`` of one part, parsed: the writes as Lua ARGV by buyer."""
 
     part: str
     end: int
     rows: int
-    writes: list[MembershipWrite]
+    args: dict[str, list[str]]
+    #: writes dropped while encoding (outside the layout's time range), counted as stale
+    stale: int
     rejected: collections.Counter[str]
+
+
+def _batch(
+    part: str,
+    end: int,
+    rows: int,
+    args: dict[str, list[str]],
+    slow_writes: list[MembershipWrite],
+    parser: RowParser,
+    rejected: collections.Counter[str],
+) -> Batch:
+    """A batch of the fast path's ``args`` plus the writes of rows that took the slow path."""
+    enc = parser.encoder
+    stale, enc.stale = enc.stale, 0
+    if slow_writes:
+        stale += group_writes(slow_writes, args)
+    return Batch(part, end, rows, args, stale, rejected)
 
 
 def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
@@ -302,8 +323,7 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
     cut = parser.cut_ms
     latest = cut + CLOCK_SKEW_MS
     max_len = parser.max_id_length
-    ttls = parser.ttls
-    derive_row = snapshot_row
+    add_row = parser.encoder.add
     slow = parser.row
     with path.open(newline="", encoding="utf-8") as f:
         reader = _csv_rows(f, path)
@@ -312,7 +332,8 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
             if next(reader, None) is None:
                 break
             pos += 1
-        writes: list[MembershipWrite] = []
+        args: dict[str, list[str]] = {}
+        writes: list[MembershipWrite] = []  # rows of the slow path
         n = 0
         before = parser.rejected.copy()
         for rec in reader:
@@ -338,17 +359,19 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
                     if dt is not None and dt.tzinfo is not None:
                         f_ms = round(dt.timestamp() * 1_000_000) // 1000
                         if f_ms <= latest:
-                            writes.extend(derive_row(user, seller, f_ms, int(count), cut, ttls))
+                            add_row(args, user, seller, f_ms, int(count))
                             if n >= batch_rows:
-                                yield Batch(name, pos, n, writes, parser.rejected - before)
-                                writes, n, before = [], 0, parser.rejected.copy()
+                                yield _batch(
+                                    name, pos, n, args, writes, parser, parser.rejected - before
+                                )
+                                args, writes, n, before = {}, [], 0, parser.rejected.copy()
                             continue
                 slow(user, seller, followed, count, name, pos, writes)
             if n >= batch_rows:
-                yield Batch(name, pos, n, writes, parser.rejected - before)
-                writes, n, before = [], 0, parser.rejected.copy()
+                yield _batch(name, pos, n, args, writes, parser, parser.rejected - before)
+                args, writes, n, before = {}, [], 0, parser.rejected.copy()
         if n:
-            yield Batch(name, pos, n, writes, parser.rejected - before)
+            yield _batch(name, pos, n, args, writes, parser, parser.rejected - before)
 
 
 def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
@@ -390,7 +413,7 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
                 writes,
             )
         pos += rb.num_rows
-        yield Batch(name, pos, rb.num_rows, writes, parser.rejected - before)
+        yield _batch(name, pos, rb.num_rows, {}, writes, parser, parser.rejected - before)
 
 
 def part_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
@@ -698,7 +721,7 @@ class SnapshotLoader:
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, Batch)
-                result = await self._apply(item.writes)
+                result = await self._apply(item)
                 pp = progress[item.part]
                 pp.offset = item.end
                 pp.written += result.applied
@@ -753,8 +776,10 @@ class SnapshotLoader:
         pipe.pexpireat(key, expire_at_ms)
         await pipe.execute()
 
-    async def _apply(self, writes: list[MembershipWrite]) -> ApplyResult:
-        result: ApplyResult = await self._retrying(lambda: self.store.apply(writes))
+    async def _apply(self, batch: Batch) -> ApplyResult:
+        result: ApplyResult = await self._retrying(
+            lambda: self.store.apply_args(batch.args, stale=batch.stale)
+        )
         return result
 
     async def _retrying(self, op: Callable[[], Any]) -> Any:

@@ -13,6 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pricing_service.domain import Crowd, CrowdKind
+from pricing_service.membership.layout import (
+    EPOCH_MS,
+    MAX_VERSION_MS,
+    LayoutError,
+    MembershipLayout,
+)
 
 DAY_MS = 86_400_000
 
@@ -92,3 +98,72 @@ def snapshot_row(
     if purchase_count >= 1:
         kinds.append(CrowdKind.PURCHASED_FANS)
     return [MembershipWrite(user_id, Crowd(seller_id, k), False, cut_ms, expires) for k in kinds]
+
+
+class SnapshotEncoder:
+    """Fast path of :func:`snapshot_row` for bulk loads: no :class:`MembershipWrite` is built.
+
+    :meth:`add` appends to ``by_user[user]`` exactly the Lua ARGV triples (field, encoded value,
+    condition) that :meth:`MembershipStore.apply
+    <pricing_service.membership.store.MembershipStore.apply>` sends for
+    ``snapshot_row(user, seller, followed_at_ms, purchase_count, cut_ms, ttls)``: every write of a
+    snapshot has the same version (the cut) and expiry, so the value is encoded once and each
+    seller's fields once. A cut outside the layout's time range writes nothing; its writes are
+    counted in :attr:`stale` (as the store counts them).
+    """
+
+    __slots__ = ("_combos", "_error", "_value", "cut_ms", "old_before_ms", "stale")
+
+    #: Sellers whose fields are memoised (cleared when full).
+    CACHE_SIZE = 65_536
+
+    def __init__(self, cut_ms: int, ttls: Ttls) -> None:
+        self.cut_ms = cut_ms
+        #: followed at or before this: old fan (as in :func:`snapshot_row`)
+        self.old_before_ms = cut_ms - ttls.old_fan_min_ms
+        self.stale = 0
+        self._value: str | None = None
+        self._error: LayoutError | None = None
+        if EPOCH_MS < cut_ms <= MAX_VERSION_MS:
+            try:
+                self._value = MembershipLayout.encode(
+                    cut_ms, cut_ms + ttls.membership_ms, tombstone=False
+                )
+            except LayoutError as exc:  # raised where the store would raise it: on a write
+                self._error = exc
+        #: seller -> ARGV of (all), (all, old), (all, purchased), (all, old, purchased)
+        self._combos: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {}
+
+    def _seller(self, seller_id: str) -> tuple[list[str], list[str], list[str], list[str]]:
+        v = self._value
+        assert v is not None
+        field = MembershipLayout.crowd_field
+        a = [field(Crowd(seller_id, CrowdKind.ALL_FANS)), v, ""]
+        o = [field(Crowd(seller_id, CrowdKind.OLD_FANS)), v, ""]
+        p = [field(Crowd(seller_id, CrowdKind.PURCHASED_FANS)), v, ""]
+        if len(self._combos) >= self.CACHE_SIZE:
+            self._combos.clear()
+        combos = self._combos[seller_id] = (a, a + o, a + p, a + o + p)
+        return combos
+
+    def add(
+        self,
+        by_user: dict[str, list[str]],
+        user_id: str,
+        seller_id: str,
+        followed_at_ms: int,
+        purchase_count: int,
+    ) -> None:
+        """The writes of one snapshot row (inputs already validated, as for snapshot_row)."""
+        if self._value is None:
+            if self._error is not None:
+                raise self._error
+            self.stale += 1 + (followed_at_ms <= self.old_before_ms) + (purchase_count >= 1)
+            return
+        combos = self._combos.get(seller_id) or self._seller(seller_id)
+        argv = combos[(followed_at_ms <= self.old_before_ms) + 2 * (purchase_count >= 1)]
+        args = by_user.get(user_id)
+        if args is None:
+            by_user[user_id] = argv.copy()
+        else:
+            args += argv

@@ -267,15 +267,16 @@ def test_too_many_malformed_rows_stop_the_load(
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted_load(
     redis_url: str, namespace: str, tmp_path: Path, cut: int
 ) -> None:
-    rows = list(realistic_rows(40_000, cut, seed=11, sellers=2000))
-    write_snapshot(tmp_path, rows, cut, part_rows=10_000)
+    # big enough that a load outlives the first kills (the loader writes ~100k memberships/s)
+    rows = list(realistic_rows(100_000, cut, seed=11, sellers=2000))
+    write_snapshot(tmp_path, rows, cut, part_rows=20_000)
     env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_BATCH_ROWS="400")
     rng = random.Random(5)
     kills = 0
     for _attempt in range(30):
         proc = popen("load-snapshot", str(tmp_path), "--no-progress", env=env)
         try:
-            proc.wait(timeout=rng.uniform(0.8, 2.0))
+            proc.wait(timeout=rng.uniform(0.6, 1.6))
         except Exception:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
