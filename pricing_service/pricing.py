@@ -32,8 +32,10 @@ from pricing_service.metrics import Metrics
 
 log = structlog.get_logger("pricing_service.pricing")
 
-#: KEYS[1] = watermark key. Returns {seconds, microseconds, watermark or nil} (read-only).
-_CLOCK_AND_WATERMARK_LUA = """
+#: KEYS[1] = watermark key. Returns {seconds, microseconds, watermark or nil}. Declared
+#: ``no-writes`` (Redis 7): CLIENT PAUSE WRITE (a failover in progress) does not hold it back,
+#: and a replica could run it.
+_CLOCK_AND_WATERMARK_LUA = """#!lua flags=no-writes
 local t = redis.call('TIME')
 return {t[1], t[2], redis.call('GET', KEYS[1])}
 """

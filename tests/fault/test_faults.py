@@ -143,12 +143,6 @@ async def test_client_pause(running: tuple[System, Load], mode: str) -> None:
     print(summary)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CheckDiscountStrict reads TIME + watermark with EVAL, which CLIENT PAUSE WRITE (as "
-    "used by Redis failover) blocks: strict calls hang 2 x socket timeout instead of answering "
-    "(EVAL_RO with a no-writes script would not be blocked)",
-)
 async def test_strict_answers_promptly_while_writes_are_paused(
     running: tuple[System, Load],
 ) -> None:
