@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         1000, ge=1, description="In-flight RPCs per process; RESOURCE_EXHAUSTED beyond"
     )
+    rate_limit_rps: float = Field(
+        0, ge=0, description="Requests/s per caller (bearer token, else peer host); 0 = unbounded"
+    )
+    rate_limit_burst: float = Field(
+        0, ge=0, description="Burst per caller above the rate (0 = one second's worth)"
+    )
     max_id_length: int = Field(128, ge=1, le=1024, description="Max length of any id")
 
     # --- serving path ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pricing_service.errors import (
     ResourceExhaustedError,
 )
 from pricing_service.metrics import Metrics
+from pricing_service.ratelimit import RateLimiter, caller_identity
 
 log = structlog.get_logger("pricing_service.rpc")
 
@@ -70,9 +71,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """See the module docstring."""
 
     def __init__(
-        self, metrics: Metrics, *, max_concurrent_rpcs: int, log_rpcs: bool = True
+        self,
+        metrics: Metrics,
+        *,
+        max_concurrent_rpcs: int,
+        log_rpcs: bool = True,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._metrics = metrics
+        self._limiter = limiter
         self._max = max_concurrent_rpcs
         self._in_flight = 0
         self._log_rpcs = log_rpcs
@@ -119,6 +126,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         "the request body is not a valid protobuf message of this method",
                         reason="MALFORMED_REQUEST",
                     )
+                limiter = self._limiter
+                if limiter is not None:
+                    wait = limiter.allow(
+                        caller_identity(context.invocation_metadata(), context.peer())
+                    )
+                    if wait:
+                        raise ResourceExhaustedError(
+                            f"more than {limiter.rate:g} requests/s from this caller; "
+                            f"retry in {wait * 1000:.0f} ms",
+                            reason="RATE_LIMITED",
+                            metadata={"retry_after_ms": str(max(1, round(wait * 1000)))},
+                        )
                 if self._in_flight > self._max:
                     raise ResourceExhaustedError(
                         f"more than {self._max} RPCs in flight; retry with backoff",

@@ -29,6 +29,7 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
 from pricing_service.pricing import PricingCore
+from pricing_service.ratelimit import RateLimiter
 from pricing_service.redis_client import make_redis
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.store import open_rule_store
@@ -124,7 +125,14 @@ class PricingServer:
             )
             stack.callback(httpd.shutdown)
 
-        interceptor = ServerInterceptor(self.metrics, max_concurrent_rpcs=s.max_concurrent_rpcs)
+        limiter = (
+            RateLimiter(s.rate_limit_rps, s.rate_limit_burst or max(s.rate_limit_rps, 1.0))
+            if s.rate_limit_rps > 0
+            else None
+        )
+        interceptor = ServerInterceptor(
+            self.metrics, max_concurrent_rpcs=s.max_concurrent_rpcs, limiter=limiter
+        )
         server = grpc.aio.server(
             interceptors=[interceptor],
             options=[

@@ -522,3 +522,31 @@ async def test_metrics_endpoint(redis_url: str, namespace: str, tmp_path: Path) 
         assert "pricing_redis_round_trip_seconds" in body
     finally:
         await stop_harness(h)
+
+
+async def test_requests_are_rate_bounded_per_caller(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    h = await start_harness(redis_url, namespace, tmp_path, rate_limit_rps=5, rate_limit_burst=5)
+    try:
+        codes = []
+        for _ in range(8):
+            try:
+                await h.batch("u", ("i1", 100))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as err:
+                codes.append(err.code())
+                assert error_info(err)[0] == "RATE_LIMITED"
+        assert codes[:5] == [grpc.StatusCode.OK] * 5
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[5:]
+        # another caller (another token) has its own budget
+        other = await h.pricing.BatchGetLowestPrice(
+            pricing_pb2.BatchGetLowestPriceRequest(
+                user_id="u", items=[pricing_pb2.PriceQuery(item_id="i1")]
+            ),
+            metadata=(("authorization", "Bearer someone-else"),),
+            timeout=5,
+        )
+        assert len(other.prices) == 1
+    finally:
+        await stop_harness(h)
