@@ -84,6 +84,12 @@ def start_consumer(url: str) -> subprocess.Popen[bytes]:
     )
 
 
+async def command_usec(r: aioredis.Redis) -> dict[str, tuple[int, int]]:
+    """``INFO commandstats``: command -> (calls, usec) so far."""
+    info: Any = await r.info("commandstats")
+    return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
+
+
 async def group_state(r: aioredis.Redis) -> tuple[int, int, int]:
     """(entries read by the group, pending, backlog)."""
     if not await r.exists(STREAM):
@@ -124,10 +130,12 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             if t_first is None and read > 0:
                 t_first, read_first = now_p, read
                 cpu0, rcpu0 = proc_cpu_s(proc.pid), await redis_cpu_s(r)
+                stats0 = await command_usec(r)
             if read >= n and pending == 0 and lag == 0:
                 t_end = now_p
                 cpu_us = (proc_cpu_s(proc.pid) - cpu0) / max(n - read_first, 1) * 1e6
                 rcpu_us = (await redis_cpu_s(r) - rcpu0) / max(n - read_first, 1) * 1e6
+                stats1 = await command_usec(r)
                 break
             await asyncio.sleep(0.01)
         assert t_first is not None
@@ -136,6 +144,16 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s;"
             f" CPU per event: consumer {cpu_us:.1f} us, redis {rcpu_us:.1f} us"
         )
+        # where Redis spends its time (commandstats; the bench's own polling included)
+        per_event: dict[str, float] = {}
+        for cmd, (calls, usec) in stats1.items():
+            c0, u0 = stats0.get(cmd, (0, 0))
+            if usec - u0 > 0:
+                per_event[cmd] = (usec - u0) / max(n - read_first, 1)
+                print(
+                    f"  redis {cmd}: {calls - c0:,} calls, {(usec - u0) / max(calls - c0, 1):.1f}"
+                    f" us/call, {per_event[cmd]:.2f} us/event"
+                )
         # start the latency phase only once the watermark has caught up too
         last: Any = await r.xrevrange(STREAM, count=1)
         last_ms = int(last[0][0].split(b"-")[0])
@@ -149,6 +167,7 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             "throughput_events": n,
             "consumer_cpu_us_per_event": round(cpu_us, 1),
             "redis_cpu_us_per_event": round(rcpu_us, 1),
+            "redis_command_us_per_event": {k: round(v, 2) for k, v in per_event.items()},
             "proc": proc,
             "redis": r,
         }

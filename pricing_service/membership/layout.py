@@ -207,9 +207,16 @@ for i = 1, #raw, 2 do
 end
 local applied, stale, unmet = 0, 0, 0
 local touched = {}
+local parsed = {}
 for i = 2, #ARGV, 3 do
   local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local ver, tomb, exp = parse(v)
+  local p = parsed[v]
+  if p == nil then
+    local pv, pt, pe = parse(v)
+    p = {pv, pt, pe}
+    parsed[v] = p
+  end
+  local ver, tomb, exp = p[1], p[2], p[3]
   local old = cur[f]
   local cond = nil
   if c ~= '' then cond = cur[c] end
@@ -226,16 +233,25 @@ for i = 2, #ARGV, 3 do
     if exp <= now then cur[f] = nil else cur[f] = {ver, tomb, exp, v} end
   end
 end
+local del = {}
 for i = 1, #drop do
-  if touched[drop[i]] == nil then redis.call('HDEL', key, drop[i]) end
+  if touched[drop[i]] == nil then del[#del + 1] = drop[i] end
 end
 local maxexp = -1
 for f, rec in pairs(cur) do
   if rec[3] > maxexp then maxexp = rec[3] end
 end
+local set = {}
 for f, _ in pairs(touched) do
   local rec = cur[f]
-  if rec == nil then redis.call('HDEL', key, f) else redis.call('HSET', key, f, rec[4]) end
+  if rec == nil then del[#del + 1] = f else set[#set + 1] = f; set[#set + 1] = rec[4] end
+end
+-- one HDEL and one HSET per chunk (unpack is limited to a few thousand values)
+for i = 1, #del, 4000 do
+  redis.call('HDEL', key, unpack(del, i, math.min(i + 3999, #del)))
+end
+for i = 1, #set, 4000 do
+  redis.call('HSET', key, unpack(set, i, math.min(i + 3999, #set)))
 end
 if maxexp >= 0 then
   redis.call('PEXPIREAT', key, string.format('%.0f', maxexp + EPOCH_MS))

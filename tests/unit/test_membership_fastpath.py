@@ -21,7 +21,7 @@ CUT = 1_760_000_000_000
 ids = st.sampled_from(["u1", "u2", "42", "7", "0", "007", "s-x", "é", "a" * 20, "999999999999999"])
 sellers = st.one_of(
     st.integers(1, 10**15 - 1).map(str),
-    st.sampled_from(["0", "01", "x", "s-1", "1" * 16, "42"]),
+    st.sampled_from(["0", "01", "x", "s-1", "1" * 16, "9" * 15, "42", "١٢", "4²", " 42", "+4"]),
 )
 ttls = st.builds(
     Ttls,
