@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     old_fan_min_days: int = Field(30, ge=0, le=3650, description="Days of following for old_fans")
 
     # --- sync worker ----------------------------------------------------------------------
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="sync-worker consume: Prometheus port (0 = off)"
+    )
     events_stream: str = Field("pricing:relation-events", description="Relation event stream")
     event_partitions: int = Field(
         1,

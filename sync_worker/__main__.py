@@ -206,7 +206,7 @@ def _merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- consume ------------------------------------------------------------------------------------
 async def _consume(settings: Settings) -> int:
-    from sync_worker.consumer import StreamConsumer  # noqa: PLC0415
+    from sync_worker.consumer import ConsumerStats, StreamConsumer  # noqa: PLC0415
     from sync_worker.partitions import PartitionedConsumer  # noqa: PLC0415
 
     consumer: StreamConsumer | PartitionedConsumer
@@ -214,11 +214,25 @@ async def _consume(settings: Settings) -> int:
         consumer = PartitionedConsumer(settings)
     else:
         consumer = StreamConsumer(settings)
-    async with consumer:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, consumer.shutdown)
-        await consumer.run()
+    stop_metrics = None
+    if settings.worker_metrics_port:
+        from sync_worker.metrics import serve_metrics  # noqa: PLC0415
+
+        def stats() -> list[tuple[str, ConsumerStats]]:
+            if isinstance(consumer, PartitionedConsumer):
+                return [(c.stream, c.stats) for c in consumer.consumers]
+            return [(settings.events_stream, consumer.stats)]
+
+        stop_metrics = serve_metrics(settings.worker_metrics_port, stats)
+    try:
+        async with consumer:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, consumer.shutdown)
+            await consumer.run()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     return 0
 
 
