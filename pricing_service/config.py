@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     )
     breaker_failure_threshold: int = Field(5, ge=1, description="Failures that open the breaker")
     breaker_reset_ms: int = Field(1000, ge=10, description="Open breaker probe interval")
+    strict_budget_ms: int = Field(
+        1000,
+        ge=1,
+        description="Time each CheckDiscountStrict dependency (rule store, Redis) may take before UNAVAILABLE",
+    )
     strict_max_lag_ms: int = Field(
         2000, ge=0, description="CheckDiscountStrict refuses when the sync watermark is older"
     )

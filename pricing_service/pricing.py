@@ -107,6 +107,7 @@ class PricingCore:
         membership_budget_ms: int,
         strict_max_lag_ms: int,
         breaker: CircuitBreaker,
+        strict_budget_ms: int = 1000,
         primary: aioredis.Redis | None = None,
     ) -> None:
         self.index = index
@@ -116,6 +117,7 @@ class PricingCore:
         self.metrics = metrics
         self.budget_s = membership_budget_ms / 1000
         self.strict_max_lag_ms = strict_max_lag_ms
+        self.strict_budget_s = strict_budget_ms / 1000
         self.breaker = breaker
         self.primary = primary or membership.redis
         self._rtt = metrics.redis_rtt.labels("batch_lookup")
@@ -192,7 +194,15 @@ class PricingCore:
         *,
         time_remaining_s: float | None,
     ) -> StrictResult:
-        rules, revision = await self.rules.rules_for_item(item_id)
+        try:
+            async with asyncio.timeout(self._strict_budget(time_remaining_s, share=0.5)):
+                rules, revision = await self.rules.rules_for_item(item_id)
+        except TimeoutError:
+            self.metrics.strict_refusals.labels("RULE_STORE_TIMEOUT").inc()
+            raise UnavailableError(
+                "the rule store did not answer in time; not granting an unproven discount",
+                reason="RULE_STORE_TIMEOUT",
+            ) from None
         if rule_id and not any(r.rule_id == rule_id for r in rules):
             return StrictResult(Verdict.NO_RULE, None, None, 0, revision)
         if not rules:
@@ -217,14 +227,22 @@ class PricingCore:
             return StrictResult(Verdict.PRICE_MISMATCH, best.price, best, as_of, revision)
         return StrictResult(Verdict.ELIGIBLE, best.price, best, as_of, revision)
 
+    def _strict_budget(self, time_remaining_s: float | None, *, share: float) -> float:
+        """Time a strict dependency may take: its budget, and never the caller's whole deadline
+        (a refusal that arrives after the deadline is no refusal)."""
+        budget = self.strict_budget_s
+        if time_remaining_s is not None:
+            budget = min(budget, max(time_remaining_s * share - 0.005, 0.001))
+        return budget
+
     async def _strict_membership(
         self, user_id: str, active: list[Rule], time_remaining_s: float | None
     ) -> tuple[int, frozenset[Crowd]]:
         """Watermark first, then membership, both from the primary: fail closed."""
         crowds = list(dict.fromkeys(r.crowd for r in active))
-        timeout = time_remaining_s if time_remaining_s is not None else 5.0
-        if timeout <= 0:
+        if time_remaining_s is not None and time_remaining_s <= 0:
             raise DeadlineExceededError("deadline expired before membership could be read")
+        timeout = self._strict_budget(time_remaining_s, share=0.9)
         try:
             async with asyncio.timeout(timeout):
                 # TIME and the watermark from the same node in one step: on Redis Cluster

@@ -115,6 +115,7 @@ class PricingServer:
             self.metrics,
             membership_budget_ms=s.membership_budget_ms,
             strict_max_lag_ms=s.strict_max_lag_ms,
+            strict_budget_ms=s.strict_budget_ms,
             breaker=breaker,
         )
         if self._metrics_port:

@@ -550,3 +550,27 @@ async def test_requests_are_rate_bounded_per_caller(
         assert len(other.prices) == 1
     finally:
         await stop_harness(h)
+
+
+async def test_strict_refuses_promptly_when_redis_hangs(
+    private_redis: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    """A refusal must come before the caller's deadline, not as a timeout."""
+    h = await start_harness(private_redis.url, namespace, tmp_path, strict_budget_ms=300)
+    try:
+        await h.rule("i1", ALL, 1990)
+        await h.follow("fan")
+        await h.fresh_watermark()
+        assert (await h.strict("fan", "i1")).eligible
+        private_redis.pause()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.pricing.CheckDiscountStrict(
+                pricing_pb2.CheckDiscountStrictRequest(user_id="fan", item_id="i1"), timeout=5
+            )
+        assert time.monotonic() - t0 < 2.0
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value)[0] == "REDIS_TIMEOUT"
+    finally:
+        private_redis.resume()
+        await stop_harness(h)
