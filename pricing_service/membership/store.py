@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -188,6 +189,33 @@ class MembershipStore:
             self._resp[arg] = b
         return b
 
+    @staticmethod
+    async def _read_replies(conn: Any, n: int) -> list[Any]:
+        """``n`` replies in order; an error reply is returned in its place.
+
+        The socket timeout applies to the silence between replies, as in redis-py, but is
+        re-armed every 256 replies rather than per reply (a timer per reply cost more than the
+        parsing). On a timeout, cancellation or I/O error redis-py closes the connection, so it
+        is never reused with replies still due.
+        """
+        timeout: float | None = conn.socket_timeout or None
+        loop = asyncio.get_running_loop()
+        replies: list[Any] = []
+        add = replies.append
+        read = conn.read_response
+        try:
+            async with asyncio.timeout(timeout) as cm:
+                for i in range(n):
+                    try:
+                        add(await read(timeout=math.inf))  # no per-read timer (see above)
+                    except ResponseError as exc:
+                        add(exc)
+                    if timeout is not None and not i & 255:
+                        cm.reschedule(loop.time() + timeout)
+        except TimeoutError:
+            raise RedisTimeoutError("Timeout reading EVALSHA replies") from None
+        return replies
+
     async def _send_packed(
         self, users: list[str], by_user: Mapping[str, Sequence[str]]
     ) -> list[Any]:
@@ -220,13 +248,7 @@ class MembershipStore:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 await conn.send_packed_command(payload)
-                replies: list[Any] = []
-                for _ in users:
-                    try:
-                        replies.append(await conn.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                return await self._read_replies(conn, len(users))
             except (RedisConnectionError, RedisTimeoutError):
                 # the connection was closed by redis-py (it never goes back with replies due)
                 if attempt:

@@ -9,6 +9,7 @@ import time
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pricing_service.domain import Crowd, CrowdKind, ManualClock
 from pricing_service.membership import derive
@@ -109,5 +110,30 @@ async def test_a_dropped_connection_mid_batch_is_retried_once(
         private_redis.stop()
         with pytest.raises(RedisConnectionError):
             await store.apply(derive.follow("w", "3", t, TTLS))
+    finally:
+        await client.aclose()
+
+
+async def test_a_silent_redis_times_out_and_the_connection_is_not_reused(
+    private_redis: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=0.5)
+    try:
+        clock = ManualClock((time.time_ns() // 1_000_000 // 1000 + 600) * 1000)
+        store = MembershipStore(client, MembershipLayout("t:"), clock)
+        t = clock.now_ms()
+        await store.apply(derive.follow("u", "1", t, TTLS))
+        private_redis.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await store.apply(derive.follow("u", "2", t, TTLS))
+            assert time.monotonic() - started < 5  # two attempts of ~0.5 s, not forever
+        finally:
+            private_redis.resume()
+        # the replies of the timed-out batch must not be read as this batch's replies
+        r = await store.apply(derive.unfollow("u", "1", t + 1, TTLS))
+        assert (r.applied, r.stale) == (3, 0)
+        assert await store.member_crowds("u", [Crowd("1", CrowdKind.ALL_FANS)]) == frozenset()
     finally:
         await client.aclose()
