@@ -430,12 +430,12 @@ async def test_redis_restarted_during_a_load_then_the_load_completes(
         import asyncio  # noqa: PLC0415
 
         s = make_settings(server.url, "out:")
-        rows = list(realistic_rows(30_000, cut, seed=21, sellers=1000))
-        write_snapshot(tmp_path, rows, cut, part_rows=10_000)
+        rows = list(realistic_rows(80_000, cut, seed=21, sellers=1000))  # > 1 s of loading
+        write_snapshot(tmp_path, rows, cut, part_rows=20_000)
         client = aioredis.Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
         loader = SnapshotLoader(s, client, batch_rows=300)
         task = asyncio.create_task(loader.load(tmp_path))
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.3)
         assert not task.done(), "the load finished before the outage; make it bigger"
         server.stop()
         await asyncio.sleep(1.0)
