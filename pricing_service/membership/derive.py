@@ -100,6 +100,11 @@ def snapshot_row(
     return [MembershipWrite(user_id, Crowd(seller_id, k), False, cut_ms, expires) for k in kinds]
 
 
+#: A seller's snapshot ARGV: (all), (all, old), (all, purchased), (all, old, purchased). Tuples
+#: of strings, not lists: the cyclic GC stops tracking them, and a snapshot has many sellers.
+_Combos = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+
+
 class SnapshotEncoder:
     """Fast path of :func:`snapshot_row` for bulk loads: no :class:`MembershipWrite` is built.
 
@@ -132,9 +137,9 @@ class SnapshotEncoder:
             except LayoutError as exc:  # raised where the store would raise it: on a write
                 self._error = exc
         #: seller -> ARGV of (all), (all, old), (all, purchased), (all, old, purchased)
-        self._combos: dict[str, tuple[list[str], list[str], list[str], list[str]]] = {}
+        self._combos: dict[str, _Combos] = {}
 
-    def _seller(self, seller_id: str) -> tuple[list[str], list[str], list[str], list[str]]:
+    def _seller(self, seller_id: str) -> _Combos:
         v = self._value
         assert v is not None
         s = seller_id
@@ -142,13 +147,13 @@ class SnapshotEncoder:
         # twice, so this runs for a good share of the rows); the unit tests hold them equal
         if 0 < len(s) <= 15 and s.isascii() and s.isdigit() and s[0] != "0":
             base = int(s) * 4
-            a = [str(base + 1), v, ""]
-            o = [str(base + 2), v, ""]
-            p = [str(base + 3), v, ""]
+            a = (str(base + 1), v, "")
+            o = (str(base + 2), v, "")
+            p = (str(base + 3), v, "")
         else:
-            a = ["a" + s, v, ""]
-            o = ["o" + s, v, ""]
-            p = ["p" + s, v, ""]
+            a = ("a" + s, v, "")
+            o = ("o" + s, v, "")
+            p = ("p" + s, v, "")
         if len(self._combos) >= self.CACHE_SIZE:
             self._combos.clear()
         combos = self._combos[seller_id] = (a, a + o, a + p, a + o + p)
@@ -172,6 +177,6 @@ class SnapshotEncoder:
         argv = combos[(followed_at_ms <= self.old_before_ms) + 2 * (purchase_count >= 1)]
         args = by_user.get(user_id)
         if args is None:
-            by_user[user_id] = argv.copy()
+            by_user[user_id] = list(argv)
         else:
             args += argv

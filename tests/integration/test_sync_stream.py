@@ -468,19 +468,20 @@ async def test_kill_9_during_consumption_then_restart_equals_the_model(
     redis_url: str, namespace: str, aredis: aioredis.Redis
 ) -> None:
     s = stream_settings(redis_url, namespace)
-    events = random_events(8000, 300, 8, seed=9)
+    events = random_events(14_000, 300, 8, seed=9)
+    steady, bursts = events[:8000], events[8000:]
     pub = EventPublisher(aredis, s.events_stream)
     rng = random.Random(9)
 
     async def publish() -> None:  # steady traffic while consumers are killed and restarted
-        for i in range(0, len(events), 100):
-            await pub.publish(events[i : i + 100])
+        for i in range(0, len(steady), 100):
+            await pub.publish(steady[i : i + 100])
             await asyncio.sleep(0.03)
 
     feeder = asyncio.create_task(publish())
     names = ["w1", "w1", "w2", "w1"]  # w2 must reclaim what w1 left pending (XAUTOCLAIM)
     left_pending = 0
-    for name in names:
+    for k, name in enumerate(names):
         env = stream_env(
             redis_url,
             namespace,
@@ -490,7 +491,10 @@ async def test_kill_9_during_consumption_then_restart_equals_the_model(
         )
         proc = popen("consume", env=env)
         await wait_until(lambda name=name: consumer_registered(aredis, s, name))  # type: ignore[misc]
-        await asyncio.sleep(rng.uniform(0.05, 0.4))
+        # a burst, then the kill while the consumer drains it in batches of 50 (it keeps up
+        # with the steady traffic, holding a batch only ~1 ms of every 30)
+        await pub.publish(bursts[k * 1500 : (k + 1) * 1500])
+        await asyncio.sleep(rng.uniform(0.002, 0.03))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert proc.stdout is not None and proc.stderr is not None
