@@ -213,7 +213,7 @@ for i = 2, #ARGV, 3 do
   local p = parsed[v]
   if p == nil then
     local pv, pt, pe = parse(v)
-    p = {pv, pt, pe}
+    p = {pv, pt, pe, v}  -- shared by every field written with this value (records are immutable)
     parsed[v] = p
   end
   local ver, tomb, exp = p[1], p[2], p[3]
@@ -230,7 +230,7 @@ for i = 2, #ARGV, 3 do
   else
     applied = applied + 1
     touched[f] = true
-    if exp <= now then cur[f] = nil else cur[f] = {ver, tomb, exp, v} end
+    if exp <= now then cur[f] = nil else cur[f] = p end
   end
 end
 local del = {}
