@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis as redis_sync
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from tests.fault.conftest import FAULT_ENV, STRICT_MAX_LAG_MS, PostgresServer, System
@@ -210,7 +211,7 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
     rows = [
         SnapshotRow(u, "42", cut - (40 if i % 2 else 3) * 86_400_000, i % 2)
         for i, u in enumerate(load.pop.fans + load.pop.churn)
-    ] + [SnapshotRow(f"snap{i}", str(200 + i % 50), cut - i * 1000, i % 3) for i in range(30_000)]
+    ] + [SnapshotRow(f"snap{i}", str(200 + i % 50), cut - i * 1000, i % 3) for i in range(60_000)]
     snap = system.tmp / "snapshot"
     write_snapshot(snap, rows, cut, part_rows=10_000)
     for r in rows:  # (before the load starts: this blocks the event loop for a while)
@@ -221,17 +222,26 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
     from tests.support.procs import run_sync_worker, sync_worker  # noqa: PLC0415
 
     loader = sync_worker(env, system.tmp / "loader.log", "load-snapshot", str(snap))
-    ckey = ""
-    deadline = time.monotonic() + 20
-    while True:  # until a few batches are checkpointed: the load is well under way
-        assert loader.alive(), "the loader finished before it was killed:\n" + loader.log()
-        assert time.monotonic() < deadline, loader.log()
-        if not ckey:
-            found = [k async for k in load.redis.scan_iter(f"{system.namespace}sync:snapshot:*")]
-            ckey = found[0].decode() if found else ""
-        if ckey and rows_done(await load.redis.hgetall(ckey)) >= 3000:
-            break
-        await asyncio.sleep(0.005)
+
+    def freeze_mid_load() -> str:
+        """Poll the loader's checkpoints from a thread of our own (the event loop is busy with
+        the load) and SIGSTOP it once a few batches are in: the kill then lands mid-load
+        however fast the loader is."""
+        client = redis_sync.Redis.from_url(system.redis.url, socket_timeout=5)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                assert loader.alive(), "the loader finished before it was frozen:\n" + loader.log()
+                for key in client.scan_iter(match=f"{system.namespace}sync:snapshot:*"):
+                    if rows_done(client.hgetall(key)) >= 3000:
+                        loader.proc.send_signal(signal.SIGSTOP)
+                        return key.decode()
+                time.sleep(0.0005)
+            raise AssertionError("the load never got under way:\n" + loader.log())
+        finally:
+            client.close()
+
+    ckey = await asyncio.to_thread(freeze_mid_load)
     await in_thread(loader.kill)
     done = rows_done(await load.redis.hgetall(ckey))
     assert 3000 <= done < len(rows), done

@@ -264,34 +264,57 @@ def test_too_many_malformed_rows_stop_the_load(
 
 
 # --- crashes -------------------------------------------------------------------------------------
+def _rows_done(client: redis.Redis, namespace: str) -> int:
+    total = 0
+    for key in client.scan_iter(match=f"{namespace}sync:snapshot:*"):
+        for value in client.hgetall(key).values():
+            total += int(json.loads(value)["offset"])
+    return total
+
+
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted_load(
     redis_url: str, namespace: str, tmp_path: Path, cut: int
 ) -> None:
-    # big enough that a load outlives the first kills (the loader writes ~100k memberships/s)
+    """kill -9 at random points of progress (read from the loader's own checkpoints, so the
+    test does not depend on how fast the loader is), resume, and end equal to the model."""
     rows = list(realistic_rows(100_000, cut, seed=11, sellers=2000))
     write_snapshot(tmp_path, rows, cut, part_rows=20_000)
     env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_BATCH_ROWS="400")
     rng = random.Random(5)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
     kills = 0
-    for _attempt in range(30):
-        proc = popen("load-snapshot", str(tmp_path), "--no-progress", env=env)
-        try:
-            proc.wait(timeout=rng.uniform(0.6, 1.6))
-        except Exception:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            kills += 1
-            continue
-        finally:
-            assert proc.stdout is not None and proc.stderr is not None
-            out = proc.stdout.read()
-            proc.stdout.close()
-            proc.stderr.close()
-        assert proc.returncode == 0, out
-        break
-    else:
-        pytest.fail("the load never finished")
-    assert kills >= 1, "the test never killed the loader; make the snapshot bigger"
+    try:
+        for attempt in range(30):
+            done = _rows_done(client, namespace)
+            # the first three runs die at a random point of the remaining load, then one finishes
+            target = (
+                done + rng.randint(400, max(401, (len(rows) - done) // 2)) if attempt < 3 else None
+            )
+            proc = popen("load-snapshot", str(tmp_path), "--no-progress", env=env)
+            try:
+                deadline = time.monotonic() + 60
+                while proc.poll() is None and time.monotonic() < deadline:
+                    if target is not None and _rows_done(client, namespace) >= target:
+                        proc.send_signal(signal.SIGKILL)
+                        proc.wait(10)
+                        kills += 1
+                        break
+                    time.sleep(0.001)
+                if proc.returncode == -signal.SIGKILL:
+                    continue
+                proc.wait(60)
+            finally:
+                assert proc.stdout is not None and proc.stderr is not None
+                out = proc.stdout.read()
+                proc.stdout.close()
+                proc.stderr.close()
+            assert proc.returncode == 0, out
+            break
+        else:
+            pytest.fail("the load never finished")
+    finally:
+        client.close()
+    assert kills >= 1, "the loader finished each run before reaching its kill point"
     s = make_settings(redis_url, namespace)
     assert redis_state(redis_url, namespace, now_ms()) == model_of(rows, cut, s).live(now_ms())
     res = cli("load-snapshot", str(tmp_path), env=env)
