@@ -5,37 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from decimal import Decimal, InvalidOperation
 
 import grpc
 from google.protobuf import json_format
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import Settings
-from pricing_service.currency import exponent, is_known
-from pricing_service.errors import InvalidArgumentError
-
-
-def decimal_to_minor(text: str, currency: str, field: str) -> int:
-    """Exact conversion of a human decimal (``18.88``) to minor units; refuses extra precision."""
-    if not is_known(currency):
-        raise InvalidArgumentError.field(
-            "currency", f"{currency!r} is not ISO-4217", "UNKNOWN_CURRENCY"
-        )
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise InvalidArgumentError.field(
-            field, f"{text!r} is not a decimal", "INVALID_PRICE"
-        ) from None
-    scaled = value.scaleb(exponent(currency))
-    if not value.is_finite() or scaled != scaled.to_integral_value():
-        raise InvalidArgumentError.field(
-            field,
-            f"{text} has more decimals than {currency} allows ({exponent(currency)})",
-            "TOO_PRECISE",
-        )
-    return int(scaled)
+from pricing_service.rules.validation import decimal_to_minor
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
