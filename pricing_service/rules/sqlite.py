@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -75,7 +76,19 @@ class _Conn:
             check_same_thread=False,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        # Several processes opening a fresh file at once race to switch it to WAL; SQLite can
+        # answer "database is locked" at once there (its busy handler is not used for that
+        # switch), so retry within the busy timeout.
+        deadline = time.monotonic() + self._busy / 1000
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
         if mode is None or str(mode[0]).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch {self._path} to WAL mode ({mode})")
         conn.execute("PRAGMA synchronous = FULL")
