@@ -34,6 +34,7 @@ from redis.exceptions import (
     ClusterError,
     ReadOnlyError,
     RedisClusterException,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -350,9 +351,16 @@ class ReplicaAcks:
         replies = await cpipe.execute(raise_on_error=False)
         for i, (node, marker) in enumerate(todo):
             set_reply, acks = replies[2 * i], replies[2 * i + 1]
-            for reply in (set_reply, acks):
-                if isinstance(reply, BaseException):
-                    raise reply
+            if isinstance(set_reply, BaseException):
+                raise set_reply
+            if isinstance(acks, ResponseError):
+                # "WAIT cannot be used with replica instances": the node was demoted by a
+                # failover between our topology lookup and the WAIT; the marker went to the new
+                # primary, unacknowledged: short, and the caller retries on the new topology
+                result.short.append(node.name)
+                continue
+            if isinstance(acks, BaseException):
+                raise acks
             moved = cluster.get_node_from_key(marker)
             if moved is None or moved.name != node.name or int(acks) < self.replicas:
                 result.short.append(node.name)
