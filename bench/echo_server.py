@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from pricing_service.workers import fork_workers  # no gRPC in it: safe before fork
 
 if TYPE_CHECKING:
     from pricing.v1 import pricing_pb2
@@ -94,29 +94,7 @@ def serve(listen: str, workers: int, response_bytes: bytes | None, batch: int) -
     """Run ``workers`` processes on ``listen`` (forked before gRPC starts, like the server)."""
     if workers <= 1:
         return asyncio.run(_serve(listen, response_bytes, batch))
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = asyncio.run(_serve(listen, response_bytes, batch))
-            finally:
-                os._exit(code)
-        children.append(pid)
-
-    def forward(signum: int, _frame: object) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    worst = 0
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status))
-    return worst
+    return fork_workers(workers, lambda _i: asyncio.run(_serve(listen, response_bytes, batch)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ import structlog
 from pricing_service.config import Settings, load_settings
 from pricing_service.errors import ConfigError, PricingError
 from pricing_service.logging import configure_logging
+from pricing_service.workers import fork_workers
 
 log = structlog.get_logger("pricing_service")
 
@@ -126,32 +126,15 @@ def serve(settings: Settings) -> int:
     """
     if settings.workers <= 1:
         return asyncio.run(_serve_one(settings))
-    children: list[int] = []
-    for i in range(settings.workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            port = settings.metrics_port + i if settings.metrics_port else 0
-            child = settings.model_copy(update={"metrics_port": port, "workers": 1})
-            code = 1
-            try:
-                code = asyncio.run(_serve_one(child, worker=i))
-            finally:
-                os._exit(code)
-        children.append(pid)
-    log.info("workers_started", workers=len(children), pids=children)
 
-    def forward(signum: int, _frame: object) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def child(i: int) -> int:
+        port = settings.metrics_port + i if settings.metrics_port else 0
+        return asyncio.run(
+            _serve_one(settings.model_copy(update={"metrics_port": port, "workers": 1}), worker=i)
+        )
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    worst = 0
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status))
-    return worst
+    log.info("workers_starting", workers=settings.workers)
+    return fork_workers(settings.workers, child)
 
 
 async def _serve_one(settings: Settings, worker: int = 0) -> int:

@@ -32,8 +32,3 @@ MAX_AMOUNT_MINOR: Final = 10**15
 
 def is_known(code: str) -> bool:
     return code in MINOR_UNITS
-
-
-def exponent(code: str) -> int:
-    """Decimal places of ``code``'s minor unit; KeyError for an unknown code."""
-    return MINOR_UNITS[code]

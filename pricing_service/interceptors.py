@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from pricing_service.errors import (
     DOMAIN,
@@ -64,7 +64,6 @@ def status_details(err: PricingError) -> bytes:
 
 
 INTERNAL_MESSAGE = "internal error; the request id identifies it in the server's logs"
-_ = code_pb2  # google.rpc.Code numbering equals grpc.StatusCode's
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -383,9 +383,3 @@ class MembershipStore:
             except LayoutError:
                 self._anomaly("corrupt_value")
         return out
-
-
-async def wait_closed(client: aioredis.Redis) -> None:
-    """Close a client and its pool."""
-    await client.aclose()
-    await asyncio.sleep(0)
