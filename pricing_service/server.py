@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 
 import grpc
+import redis.asyncio as aioredis
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -99,6 +100,7 @@ class PricingServer:
         membership = MembershipStore(redis, layout, self.clock, self.metrics)
         with contextlib.suppress(RedisError, OSError):
             await membership.load_script()  # readers do not need it; a write-capable warm-up
+        await _check_listpack_limit(redis)
 
         def breaker_changed(is_open: bool) -> None:
             self.metrics.breaker_state.set(1 if is_open else 0)
@@ -192,10 +194,7 @@ class PricingServer:
             await self.health.set(name, status)
         log.info("health_changed", serving=ok)
 
-    async def _health_loop(self, redis: object) -> None:
-        from redis.asyncio import Redis, RedisCluster  # noqa: PLC0415
-
-        assert isinstance(redis, (Redis, RedisCluster))  # make_redis: either, by the URL
+    async def _health_loop(self, redis: aioredis.Redis) -> None:
         # Ends by itself once shutdown starts: a cancellation that lands inside the ping can be
         # swallowed (redis-py / asyncio.timeout), and awaiting the cancelled task then hung the
         # shutdown forever (found by tests/fault: SIGTERM while Redis was slow).
@@ -231,6 +230,26 @@ class PricingServer:
             await self._server.stop(self.settings.grace_period_s)
         await self._stack.aclose()
         log.info("server_stopped")
+
+
+#: Below this, buyers who follow hundreds of sellers leave the compact listpack encoding and
+#: their memberships take ~4x the memory (docs/OPERATIONS.md, bench/memory.py).
+RECOMMENDED_LISTPACK_ENTRIES = 1024
+
+
+async def _check_listpack_limit(redis: aioredis.Redis) -> None:
+    """Warn (once, at start-up) when Redis keeps small hashes compact only up to a lower size."""
+    try:
+        reply = await redis.config_get("hash-max-listpack-entries")
+    except (RedisError, OSError):
+        return  # CONFIG may be disabled (managed Redis) or Redis away: this is only advice
+    raw = next(iter(reply.values()), None) if isinstance(reply, dict) else None
+    if raw is not None and int(raw) < RECOMMENDED_LISTPACK_ENTRIES:
+        log.warning(
+            "redis_listpack_limit_low",
+            hash_max_listpack_entries=int(raw),
+            recommended=RECOMMENDED_LISTPACK_ENTRIES,
+        )
 
 
 def server_credentials(s: Settings) -> grpc.ServerCredentials:
