@@ -211,7 +211,7 @@ def main() -> None:
         "--listpack-entries",
         type=int,
         default=1024,
-        help="hash-max-listpack-entries of the scratch server (Redis default 128)",
+        help="hash-max-listpack-entries of the scratch server (the Redis 7 default is 512)",
     )
     args = p.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
