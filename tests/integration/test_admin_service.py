@@ -15,8 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from pricing_service.auth import fingerprint
@@ -26,6 +24,7 @@ from pricing_service.metrics import Metrics
 from pricing_service.rules.store import SqlRuleStore, open_rule_store
 from pricing_service.servicers.admin import DiscountAdminServicer
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from tests.support.status import status_details
 
 pytestmark = pytest.mark.integration
 
@@ -99,19 +98,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
 
 
 def details(err: grpc.aio.AioRpcError) -> tuple[str, list[tuple[str, str]]]:
-    status = rpc_status.from_call(err)
-    assert status is not None, f"no google.rpc.Status details on {err.code()}: {err.details()}"
-    reason, fields = "", []
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            reason = info.reason
-        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            br = error_details_pb2.BadRequest()
-            d.Unpack(br)
-            fields += [(v.field, v.reason) for v in br.field_violations]
-    return reason, fields
+    return status_details(err)
 
 
 async def refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:

@@ -17,9 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import Settings, load_settings
@@ -30,6 +28,7 @@ from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import make_redis
 from pricing_service.server import PricingServer
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.status import status_details
 
 pytestmark = pytest.mark.integration
 TOKEN = "serving-test-token"
@@ -171,19 +170,8 @@ async def h(redis_url: str, namespace: str, tmp_path: Path) -> AsyncIterator[Har
 
 
 def error_info(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
-    status = rpc_status.from_call(err)
-    assert status is not None, err
-    reason, fields = "", []
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            reason = info.reason
-        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            br = error_details_pb2.BadRequest()
-            d.Unpack(br)
-            fields += [v.field for v in br.field_violations]
-    return reason, fields
+    reason, violations = status_details(err)
+    return reason, [field for field, _ in violations]
 
 
 # --- BatchGetLowestPrice ----------------------------------------------------------------------
