@@ -7,7 +7,9 @@ Invalid configuration fails at start-up with a :class:`ConfigError` naming the v
 from __future__ import annotations
 
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Final, Literal
+from urllib.parse import unquote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +20,46 @@ ENV_PREFIX = "PRICING_"
 #: The membership value encoding keeps at most this many seconds between a fact and its expiry
 #: (see ``pricing_service.membership.layout``).
 MAX_TTL_S = 4_999_999
+#: ``PRICING_REDIS_URL`` schemes of a Redis Cluster (seed nodes); ``rediss+cluster://`` is TLS.
+CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSeeds:
+    """A parsed cluster URL: ``redis[s]+cluster://[user[:password]@]host:port[,host:port...]``."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    #: ``rediss+cluster://``: TLS to every node, with the ``PRICING_REDIS_TLS_*`` files
+    tls: bool = False
+
+
+def parse_cluster_seeds(url: str) -> ClusterSeeds:
+    """The seed nodes and credentials of a cluster URL (``ValueError`` when malformed)."""
+    scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
+    if scheme is None:
+        raise ValueError(f"not a cluster URL ({' or '.join(CLUSTER_SCHEMES)})")
+    rest = url[len(scheme) :].rstrip("/")
+    username = password = None
+    if "@" in rest:
+        cred, _, rest = rest.rpartition("@")
+        user, sep, pw = cred.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if sep else None
+    nodes: list[tuple[str, int]] = []
+    for raw in rest.split(","):
+        item = raw.strip()
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"cluster seed {item!r} is not HOST:PORT "
+                f"(expected {scheme}host:port[,host:port...])"
+            )
+        nodes.append((host, int(port)))
+    return ClusterSeeds(tuple(nodes), username, password, tls=scheme.startswith("rediss"))
 
 
 class Settings(BaseSettings):
@@ -31,7 +73,8 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis holding crowd membership (redis://, rediss://, unix://), or a Redis "
-        "Cluster: redis+cluster://host:port[,host:port...] (seed nodes)",
+        "Cluster: redis+cluster://host:port[,host:port...] (seed nodes), rediss+cluster:// "
+        "for TLS to every node",
     )
     redis_namespace: str = Field(
         "",
@@ -50,9 +93,15 @@ class Settings(BaseSettings):
     redis_wait_timeout_ms: int = Field(
         1000, ge=1, description="sync-worker: WAIT timeout; a shorter ack is retried"
     )
-    redis_tls_ca_file: str | None = Field(None, description="CA bundle for rediss://")
-    redis_tls_cert_file: str | None = Field(None, description="Client certificate for rediss://")
-    redis_tls_key_file: str | None = Field(None, description="Client key for rediss://")
+    redis_tls_ca_file: str | None = Field(
+        None, description="CA bundle for rediss:// and rediss+cluster:// (default: system CAs)"
+    )
+    redis_tls_cert_file: str | None = Field(
+        None, description="Client certificate for rediss:// and rediss+cluster:// (mutual TLS)"
+    )
+    redis_tls_key_file: str | None = Field(
+        None, description="Client key for rediss:// and rediss+cluster:// (mutual TLS)"
+    )
     rule_store_url: str = Field(
         "sqlite:///./pricing.db", description="Rule store: sqlite:///path or postgresql://..."
     )
@@ -162,8 +211,10 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
-            raise ValueError("must start with redis://, rediss://, unix:// or redis+cluster://")
+        if not v.startswith(REDIS_SCHEMES):
+            raise ValueError("must start with " + ", ".join(REDIS_SCHEMES))
+        if v.startswith(CLUSTER_SCHEMES):
+            parse_cluster_seeds(v)  # the seeds' syntax, at start-up
         return v
 
     @field_validator("rule_store_url")

@@ -5,7 +5,10 @@
 * ``redis://``, ``rediss://``, ``unix://`` - one Redis (a blocking connection pool);
 * ``redis+cluster://[user[:password]@]host:port[,host:port...]`` - a Redis Cluster, given by
   one or more seed nodes; the client discovers the rest (``CLUSTER SLOTS``) and follows
-  ``MOVED``/``ASK`` redirections and failovers by itself.
+  ``MOVED``/``ASK`` redirections and failovers by itself;
+* ``rediss+cluster://...`` (same seeds) - the same over TLS to every node, with the CA and
+  client certificate of ``rediss://`` (``PRICING_REDIS_TLS_CA_FILE``, ``..._CERT_FILE``,
+  ``..._KEY_FILE``); the nodes' certificates must name the addresses the cluster announces.
 
 Both return a client with the same command API: every key this service uses is single-slot
 (per-buyer hash tags), pipelines are split by node by the cluster client, ``SCRIPT LOAD`` goes
@@ -22,7 +25,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
@@ -41,10 +43,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pricing_service.config import Settings
+from pricing_service.config import CLUSTER_SCHEMES, ClusterSeeds, Settings, parse_cluster_seeds
 from pricing_service.errors import ConfigError
-
-CLUSTER_SCHEME: Final = "redis+cluster://"
 
 #: Errors that mean "this part of Redis is unreachable or changing hands right now": retry
 #: later. Besides connection errors and timeouts, a cluster answers ``CLUSTERDOWN`` while a
@@ -70,41 +70,25 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
 
 
 def is_cluster_url(url: str) -> bool:
-    return url.startswith(CLUSTER_SCHEME)
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterSeeds:
-    """The parsed ``redis+cluster://`` URL."""
-
-    nodes: tuple[tuple[str, int], ...]
-    username: str | None = None
-    password: str | None = None
+    return url.startswith(CLUSTER_SCHEMES)
 
 
 def parse_cluster_url(url: str) -> ClusterSeeds:
-    """``redis+cluster://[user[:password]@]host:port[,host:port...]`` (ConfigError if not)."""
-    if not is_cluster_url(url):
-        raise ConfigError(f"PRICING_REDIS_URL: not a {CLUSTER_SCHEME} URL")
-    rest = url[len(CLUSTER_SCHEME) :].rstrip("/")
-    username = password = None
-    if "@" in rest:
-        cred, _, rest = rest.rpartition("@")
-        user, sep, pw = cred.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if sep else None
-    nodes: list[tuple[str, int]] = []
-    for raw in rest.split(","):
-        item = raw.strip()
-        host, sep, port = item.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(
-                f"PRICING_REDIS_URL: cluster seed {item!r} is not HOST:PORT "
-                f"(expected {CLUSTER_SCHEME}host:port[,host:port...])"
-            )
-        nodes.append((host, int(port)))
-    return ClusterSeeds(tuple(nodes), username, password)
+    """``redis[s]+cluster://[user[:password]@]host:port[,host:port...]`` (ConfigError if not)."""
+    try:
+        return parse_cluster_seeds(url)
+    except ValueError as exc:
+        raise ConfigError(f"PRICING_REDIS_URL: {exc}") from None
+
+
+def tls_options(settings: Settings) -> dict[str, object]:
+    """redis-py's ``ssl_*`` arguments from the ``PRICING_REDIS_TLS_*`` files (those set)."""
+    options = {
+        "ssl_ca_certs": settings.redis_tls_ca_file,
+        "ssl_certfile": settings.redis_tls_cert_file,
+        "ssl_keyfile": settings.redis_tls_key_file,
+    }
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class BoundedRedisCluster(aioredis.RedisCluster):
@@ -148,7 +132,7 @@ def make_redis(
     ``socket_timeout_ms`` must exceed any blocking command's block time (XREADGROUP BLOCK):
     redis-py 8 defaults to 5 s, which breaks long blocking reads.
 
-    For a ``redis+cluster://`` URL the client is a :class:`redis.asyncio.RedisCluster`
+    For a ``redis[s]+cluster://`` URL the client is a :class:`redis.asyncio.RedisCluster`
     (:class:`BoundedRedisCluster`); it has the same command and pipeline API as
     :class:`redis.asyncio.Redis` for everything this service sends, and is typed as such so
     the callers need not care. ``max_connections`` is then the limit per node. Code that
@@ -164,6 +148,7 @@ def make_redis(
             startup_nodes=[ClusterNode(h, p) for h, p in seeds.nodes],
             username=seeds.username,
             password=seeds.password,
+            **({"ssl": True, **tls_options(settings)} if seeds.tls else {}),
             limit=limit,
             socket_timeout=timeout,
             socket_connect_timeout=connect_timeout,
@@ -178,14 +163,7 @@ def make_redis(
             reinitialize_steps=0,
         )
         return cast(aioredis.Redis, client)
-    tls: dict[str, object] = {}
-    if settings.redis_url.startswith("rediss://"):
-        tls = {
-            "ssl_ca_certs": settings.redis_tls_ca_file,
-            "ssl_certfile": settings.redis_tls_cert_file,
-            "ssl_keyfile": settings.redis_tls_key_file,
-        }
-        tls = {k: v for k, v in tls.items() if v is not None}
+    tls = tls_options(settings) if settings.redis_url.startswith("rediss://") else {}
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=limit,

