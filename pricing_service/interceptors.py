@@ -115,7 +115,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             request_id = _request_id(context)
-            structlog.contextvars.bind_contextvars(request_id=request_id, rpc=short)
+            tokens = structlog.contextvars.bind_contextvars(request_id=request_id, rpc=short)
             code = grpc.StatusCode.OK
             err: PricingError | None = None
             self._in_flight += 1
@@ -165,7 +165,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         duration_ms=round(elapsed * 1000, 3),
                         **({"reason": err.reason} if err is not None else {}),
                     )
-                structlog.contextvars.clear_contextvars()
+                structlog.contextvars.reset_contextvars(**tokens)
             # only reached with err set (the try returns otherwise)
             await context.abort(
                 err.code,

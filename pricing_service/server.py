@@ -31,7 +31,8 @@ from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
 from pricing_service.pricing import PricingCore
 from pricing_service.ratelimit import RateLimiter
-from pricing_service.redis_client import make_redis
+from pricing_service.redis_client import is_cluster, make_redis
+from pricing_service.redis_pipe import PipelinedReader
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.store import open_rule_store
 from pricing_service.servicers.admin import DiscountAdminServicer
@@ -97,7 +98,11 @@ class PricingServer:
         self.index = index = RuleIndex(store, s, self.clock, self.metrics)
         await stack.enter_async_context(index)
         layout = MembershipLayout(s.redis_namespace)
-        membership = MembershipStore(redis, layout, self.clock, self.metrics)
+        reader = None
+        if not is_cluster(redis):  # a cluster keeps redis-py (slot routing, redirections)
+            reader = PipelinedReader.from_client(redis)
+            stack.push_async_callback(reader.aclose)
+        membership = MembershipStore(redis, layout, self.clock, self.metrics, reader=reader)
         with contextlib.suppress(RedisError, OSError):
             await membership.load_script()  # readers do not need it; a write-capable warm-up
         await _check_listpack_limit(redis)

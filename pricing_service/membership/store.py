@@ -25,6 +25,7 @@ from pricing_service.membership.layout import (
     Record,
 )
 from pricing_service.redis_client import TRANSIENT_ERRORS, is_cluster
+from pricing_service.redis_pipe import PipelinedReader
 
 #: Encoded write arguments memoised by the standalone write path (cleared when full).
 RESP_CACHE_SIZE = 100_000
@@ -90,8 +91,12 @@ class MembershipStore:
         layout: MembershipLayout,
         clock: Clock,
         anomalies: AnomalySink | None = None,
+        *,
+        reader: PipelinedReader | None = None,
     ) -> None:
         self.redis = redis
+        #: the hot path's lean pipelined reader (standalone Redis); None = redis-py for reads
+        self.reader = reader
         self.layout = layout
         self.clock = clock
         self._sink = anomalies
@@ -282,11 +287,15 @@ class MembershipStore:
         self, user_id: str, fields: Sequence[str | bytes], redis: aioredis.Redis | None
     ) -> list[bytes | None]:
         """The ``HMGET`` of :meth:`raw_records`, by field, with its anomaly accounting."""
-        client = redis or self.redis
+        reader = self.reader
+        values: list[bytes | None]
         try:
-            values: list[bytes | None] = await client.hmget(  # type: ignore[assignment]
-                self.layout.user_key(user_id), fields
-            )
+            if redis is None and reader is not None:
+                values = await reader.hmget(self.layout.user_key(user_id), fields)
+            else:
+                values = await (redis or self.redis).hmget(  # type: ignore[assignment]
+                    self.layout.user_key(user_id), fields
+                )
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 self._anomaly("wrong_type")

@@ -1,0 +1,248 @@
+"""A lean, pipelined Redis reader for the serving hot path (one ``HMGET`` per page).
+
+Why it exists: redis-py's asyncio client spends ~40 % of our per-request CPU on the
+BatchGetLowestPrice path in Python bookkeeping around one command (pool checkout, retry
+wrapper, two timeouts, argument filtering, command packing, response callbacks; measured with
+``python -m bench.hotpath`` and py-spy, see docs/BENCHMARKS.md). This client does only what
+that path needs: read commands over one connection, pipelined (RESP answers in order, so the
+n-th reply belongs to the n-th command), parsed by hiredis. Everything else (writes, Lua,
+the strict path, health, the sync worker, Redis Cluster) keeps redis-py.
+
+What callers can rely on, the same as with redis-py:
+
+* failures are ``redis.exceptions.ConnectionError`` / ``TimeoutError`` (both ``RedisError``),
+  error replies ``ResponseError``, so the breaker and degrade logic is unchanged;
+* the caller's ``asyncio.timeout`` bounds each call; a reply that arrives after its caller
+  gave up is read and dropped, so later replies still match their commands;
+* a connection whose oldest reply is overdue by more than ``socket_timeout`` is taken for hung
+  (a stopped Redis, a half-open TCP connection): it is closed, every waiting call fails with
+  ``ConnectionError`` and the next call reconnects;
+* at most ``max_pending`` commands wait for replies; beyond that a call fails at once (the
+  serving path then degrades) instead of queueing without bound while Redis is slow;
+* TCP or unix socket, TLS with the same certificate settings as redis-py (``rediss://``),
+  ``AUTH`` and ``SELECT`` on connect, bounded by ``socket_connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+#: Commands waiting for their replies, across all callers, before new calls fail fast.
+DEFAULT_MAX_PENDING = 10_000
+
+
+def encode_command(args: tuple[bytes | str, ...]) -> bytes:
+    """One command in RESP (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: writes commands, matches replies to waiting futures in order."""
+
+    def __init__(self, on_lost: Any) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._reader = hiredis.Reader()
+        self._on_lost = on_lost
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        pending = self.pending
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            if not pending:
+                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                return
+            fut, _ = pending.popleft()
+            if fut.done():  # its caller gave up (timeout, cancel): drop the late reply
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(ResponseError(str(reply)))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"connection to Redis lost: {exc or 'closed by server'}"))
+
+    def fail(self, exc: Exception) -> None:
+        """Close the connection and fail every waiting call with ``exc``."""
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self._on_lost(self)
+        while self.pending:
+            fut, _ = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+class PipelinedReader:
+    """See the module docstring. Not thread-safe: one per event loop."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        path: str | None = None,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        self.host, self.port, self.path, self.db = host, port, path, db
+        self._username, self._password = username, password
+        self._ssl = ssl_context
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self.max_pending = max_pending
+        self._proto: _Protocol | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_client(cls, client: aioredis.Redis) -> PipelinedReader:
+        """A reader to the same server, database, credentials and TLS as a redis-py client."""
+        pool = client.connection_pool
+        kw = dict(pool.connection_kwargs)
+        ctx: ssl.SSLContext | None = None
+        if issubclass(pool.connection_class, SSLConnection):
+            # redis-py's own context from the same ssl_* arguments: identical verification
+            ctx = pool.connection_class(**kw).ssl_context.get()
+        path = (
+            kw.get("path")
+            if issubclass(pool.connection_class, UnixDomainSocketConnection)
+            else None
+        )
+        timeout = kw.get("socket_timeout") or 5.0
+        return cls(
+            host=kw.get("host", "127.0.0.1"),
+            port=int(kw.get("port", 6379)),
+            path=path,
+            db=int(kw.get("db", 0) or 0),
+            username=kw.get("username"),
+            password=kw.get("password"),
+            ssl_context=ctx,
+            socket_timeout=float(timeout),
+            connect_timeout=float(kw.get("socket_connect_timeout") or timeout),
+        )
+
+    @property
+    def pending(self) -> int:
+        return len(self._proto.pending) if self._proto is not None else 0
+
+    async def hmget(self, key: bytes | str, fields: Sequence[bytes | str]) -> list[bytes | None]:
+        reply: list[bytes | None] = await self.execute(b"HMGET", key, *fields)
+        return reply
+
+    async def execute(self, *args: bytes | str) -> Any:
+        """Send one command, wait for its reply (bounded by the caller's timeout)."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._connect()
+        pending = proto.pending
+        now = time.monotonic()
+        if pending:
+            if now - pending[0][1] > self.socket_timeout:
+                proto.fail(
+                    RedisTimeoutError(
+                        f"no reply from Redis for {self.socket_timeout:g} s; connection closed"
+                    )
+                )
+                raise RedisTimeoutError("Redis did not answer in time")
+            if len(pending) >= self.max_pending:
+                raise RedisConnectionError(
+                    f"{len(pending)} Redis commands already waiting for replies"
+                )
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        pending.append((fut, now))
+        assert proto.transport is not None
+        proto.transport.write(encode_command(args))
+        return await fut
+
+    async def _connect(self) -> _Protocol:
+        if self._closed:
+            raise RedisConnectionError("the reader is closed")
+        async with self._lock:
+            proto = self._proto
+            if proto is not None and not proto.closed:
+                return proto  # another caller connected meanwhile
+            loop = asyncio.get_running_loop()
+            new = _Protocol(self._lost)
+            where = self.path or f"{self.host}:{self.port}"
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    if self.path:
+                        await loop.create_unix_connection(lambda: new, self.path, ssl=self._ssl)
+                    else:
+                        await loop.create_connection(
+                            lambda: new,
+                            self.host,
+                            self.port,
+                            ssl=self._ssl,
+                            server_hostname=self.host if self._ssl else None,
+                        )
+                    self._proto = new
+                    if self._password is not None:
+                        auth = (
+                            (self._username, self._password)
+                            if self._username
+                            else (self._password,)
+                        )
+                        await self.execute(b"AUTH", *auth)
+                    if self.db:
+                        await self.execute(b"SELECT", str(self.db))
+            except TimeoutError as exc:
+                new.fail(RedisTimeoutError(f"connecting to Redis at {where} timed out"))
+                raise RedisTimeoutError(f"connecting to Redis at {where} timed out") from exc
+            except (OSError, ssl.SSLError) as exc:
+                new.fail(RedisConnectionError(str(exc)))
+                raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc}") from exc
+            except ResponseError as exc:  # AUTH or SELECT refused: a configuration problem
+                new.fail(RedisConnectionError(str(exc)))
+                raise RedisConnectionError(
+                    f"Redis at {where} refused the connection: {exc}"
+                ) from exc
+            return new
+
+    def _lost(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+
+    async def aclose(self) -> None:
+        self._closed = True
+        proto = self._proto
+        if proto is not None:
+            proto.fail(RedisConnectionError("the reader is closed"))

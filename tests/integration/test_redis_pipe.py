@@ -1,0 +1,207 @@
+"""The serving path's pipelined reader against real redis-server processes.
+
+Each promise of ``pricing_service.redis_pipe``: replies matched to their commands under
+concurrency, late replies dropped without shifting later ones, a killed / hung / restarted Redis
+turned into prompt ``RedisError``s and a reconnect, bounded waiting, AUTH + SELECT, TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from pricing_service.config import load_settings
+from pricing_service.redis_client import make_redis
+from pricing_service.redis_pipe import PipelinedReader, encode_command
+from tests.support.certs import make_certs
+from tests.support.redis_server import RedisServer
+
+
+def test_encode_command_is_resp() -> None:
+    assert encode_command((b"HMGET", "k", b"f\r\n")) == (
+        b"*3\r\n$5\r\nHMGET\r\n$1\r\nk\r\n$3\r\nf\r\n\r\n"
+    )
+
+
+@pytest.fixture
+async def client(private_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = make_redis(load_settings(redis_url=private_redis.url))
+    yield c
+    await c.aclose()
+
+
+async def test_concurrent_calls_each_get_their_own_reply(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    for u in range(50):
+        await client.hset(f"cm:{u}", mapping={"a": f"{u}-a", "b": f"{u}-b"})
+    reader = PipelinedReader.from_client(client)
+    try:
+
+        async def ask(u: int) -> list[bytes | None]:
+            return await reader.hmget(f"cm:{u}", [b"b", b"zz", "a"])
+
+        for _ in range(5):
+            replies = await asyncio.gather(*(ask(u) for u in range(50)))
+            assert replies == [[f"{u}-b".encode(), None, f"{u}-a".encode()] for u in range(50)]
+        assert await reader.hmget("cm:nobody", [b"a"]) == [None]
+        assert await reader.execute(b"PING") == b"PONG"
+        assert reader.pending == 0
+    finally:
+        await reader.aclose()
+
+
+async def test_error_replies_are_response_errors(client: aioredis.Redis) -> None:
+    await client.set("plain", "x")
+    reader = PipelinedReader.from_client(client)
+    try:
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await reader.hmget("plain", [b"a"])
+        assert await reader.execute("GET", "plain") == b"x"  # the connection is still in step
+    finally:
+        await reader.aclose()
+
+
+async def test_a_late_reply_is_dropped_and_later_replies_still_match(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    await client.hset("k", mapping={"f": "old"})
+    await client.hset("k2", mapping={"f": "new"})
+    reader = PipelinedReader.from_client(client)
+    try:
+        assert await reader.hmget("k2", [b"f"]) == [b"new"]
+        # CLIENT PAUSE holds every client's commands: the caller gives up, its reply comes later
+        await client.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await reader.hmget("k", [b"f"])
+        assert reader.pending == 1
+        # queued behind the abandoned command: must get its own reply, not "old"
+        assert await reader.hmget("k2", [b"f"]) == [b"new"]
+        assert reader.pending == 0
+    finally:
+        await reader.aclose()
+
+
+async def test_killed_redis_fails_fast_then_reconnects(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    await client.hset("k", mapping={"f": "v"})
+    reader = PipelinedReader.from_client(client)
+    try:
+        assert await reader.hmget("k", [b"f"]) == [b"v"]
+        private_redis.kill()
+        with pytest.raises(RedisConnectionError):
+            async with asyncio.timeout(2):
+                await reader.hmget("k", [b"f"])
+        with pytest.raises(RedisConnectionError):  # refused, not hanging
+            async with asyncio.timeout(2):
+                await reader.hmget("k", [b"f"])
+        private_redis.start()
+        await client.hset("k", mapping={"f": "again"})
+        assert await reader.hmget("k", [b"f"]) == [b"again"]
+    finally:
+        await reader.aclose()
+
+
+async def test_hung_redis_is_abandoned_after_the_socket_timeout(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    await client.hset("k", mapping={"f": "v"})
+    base = PipelinedReader.from_client(client)
+    reader = PipelinedReader(host="127.0.0.1", port=base.port, socket_timeout=0.3)
+    try:
+        assert await reader.hmget("k", [b"f"]) == [b"v"]
+        private_redis.pause()
+        for _ in range(3):  # each caller is bounded by its own timeout
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await reader.hmget("k", [b"f"])
+        await asyncio.sleep(0.35)
+        # the oldest reply is now overdue past the socket timeout: connection given up
+        with pytest.raises(RedisTimeoutError):
+            await reader.hmget("k", [b"f"])
+        assert reader.pending == 0
+        private_redis.resume()
+        assert await reader.hmget("k", [b"f"]) == [b"v"]
+    finally:
+        private_redis.resume()
+        await reader.aclose()
+
+
+async def test_waiting_commands_are_bounded(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    base = PipelinedReader.from_client(client)
+    reader = PipelinedReader(host="127.0.0.1", port=base.port, max_pending=3)
+    try:
+        await reader.execute(b"PING")
+        private_redis.pause()
+        waiting = [asyncio.create_task(reader.execute(b"PING")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(RedisConnectionError, match="already waiting"):
+            await reader.execute(b"PING")
+        private_redis.resume()
+        assert await asyncio.gather(*waiting) == [b"PONG"] * 3
+    finally:
+        private_redis.resume()
+        await reader.aclose()
+
+
+async def test_auth_and_database_from_the_url(private_redis: RedisServer) -> None:
+    password_redis = private_redis
+    admin = make_redis(load_settings(redis_url=private_redis.url))
+    await admin.config_set("requirepass", "s3cret")  # after start: its readiness PING has no AUTH
+    await admin.aclose()
+    url = f"redis://:s3cret@127.0.0.1:{password_redis.port}/3"
+    client = make_redis(load_settings(redis_url=url))
+    reader = PipelinedReader.from_client(client)
+    try:
+        await client.hset("k", mapping={"f": "db3"})
+        assert reader.db == 3
+        assert await reader.hmget("k", [b"f"]) == [b"db3"]
+        wrong = PipelinedReader(host="127.0.0.1", port=password_redis.port, password="nope")
+        with pytest.raises(RedisError, match=r"(?i)refused|WRONGPASS|invalid"):
+            await wrong.hmget("k", [b"f"])
+        await wrong.aclose()
+    finally:
+        await reader.aclose()
+        await client.aclose()
+
+
+async def test_rediss_uses_the_clients_certificates(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    server = RedisServer(tls=certs)  # TLS only, client certificates required
+    server.start()
+    try:
+        url = server.url
+        client = make_redis(
+            load_settings(
+                redis_url=url,
+                redis_tls_ca_file=str(certs.ca),
+                redis_tls_cert_file=str(certs.client_cert),
+                redis_tls_key_file=str(certs.client_key),
+            )
+        )
+        reader = PipelinedReader.from_client(client)
+        try:
+            await client.hset("k", mapping={"f": "tls"})
+            assert await reader.hmget("k", [b"f"]) == [b"tls"]
+        finally:
+            await reader.aclose()
+            await client.aclose()
+        untrusted_client = make_redis(load_settings(redis_url=url))
+        untrusted = PipelinedReader.from_client(untrusted_client)
+        with pytest.raises(RedisConnectionError, match=r"(?i)certificate|ssl"):
+            await untrusted.hmget("k", [b"f"])
+        await untrusted.aclose()
+        await untrusted_client.aclose()
+    finally:
+        server.close()
