@@ -11,7 +11,8 @@ Failures:
 * *Poison* entries (undecodable, unknown type, missing fields, dated in the future: see
   :mod:`sync_worker.events`) can never apply, whatever the number of redeliveries, so they go
   to ``settings.dead_letter_stream`` with the reason at their first delivery and are
-  acknowledged: keeping them pending for N redeliveries would only hold the watermark back.
+  acknowledged (with ``WAIT`` on, once a replica has the dead letter, like the writes):
+  keeping them pending for N redeliveries would only hold the watermark back.
 * Entries whose *write* fails (the buyer's key has the wrong type, a script error) stay pending
   and are retried when reclaimed; once an entry has been delivered
   ``settings.stream_max_deliveries`` times it is dead-lettered (reason ``WRITE_FAILED``) and
@@ -499,12 +500,35 @@ class StreamConsumer:
                     )
         else:
             ack.extend(users)
-        if writes and self.replica_acks is not None:
+        dead = poison + failed
+        if dead:  # dead letters first: like the writes, they must reach a replica before XACK
+            await self._dead_letter(dead, now)
+            ack.extend(eid for (eid, _), _, _ in dead)
+        if self.replica_acks is not None:
             written = {u for u in users.values() if u not in result.failed_users}
-            keys = [self.layout.user_key(u) for u in written]
+            keys = [self.layout.user_key(u) for u in written] if writes else []
+            if dead:
+                keys.append(self.settings.dead_letter_stream)
             if keys and not await self._await_replicas(keys):
                 return  # stopping before a replica confirmed: leave the batch pending
-        dead = poison + failed
+        if ack:
+            await self.redis.xack(self.stream, self.group, *ack)
+        for (eid, _), reason, detail in dead:
+            self.stats.dead_lettered[reason] += 1
+            log.warning(
+                "stream_entry_dead_lettered", entry_id=_s(eid), reason=reason, detail=detail
+            )
+        st = self.stats
+        st.batches += 1
+        st.entries += len(entries)
+        st.events_applied += len(users)
+        st.expired_events += expired
+        st.writes_applied += result.applied
+        st.writes_stale += result.stale
+        st.condition_unmet += result.condition_unmet
+
+    async def _dead_letter(self, dead: list[tuple[Entry, str, str]], now: int) -> None:
+        """XADD each entry, with its reason, to the dead-letter stream (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
         for (eid, fields), reason, detail in dead:
             letter: dict[bytes | str, bytes | str] = {k: v for k, v in fields.items()}
@@ -519,24 +543,7 @@ class StreamConsumer:
                 }
             )
             pipe.xadd(self.settings.dead_letter_stream, letter)  # type: ignore[arg-type]
-            ack.append(eid)
-        if ack:
-            pipe.xack(self.stream, self.group, *ack)
-        if dead or ack:
-            await pipe.execute()
-        for (eid, _), reason, detail in dead:
-            self.stats.dead_lettered[reason] += 1
-            log.warning(
-                "stream_entry_dead_lettered", entry_id=_s(eid), reason=reason, detail=detail
-            )
-        st = self.stats
-        st.batches += 1
-        st.entries += len(entries)
-        st.events_applied += len(users)
-        st.expired_events += expired
-        st.writes_applied += result.applied
-        st.writes_stale += result.stale
-        st.condition_unmet += result.condition_unmet
+        await pipe.execute()
 
     async def _await_replicas(self, keys: list[str]) -> bool:
         """Until the writes to ``keys`` reached a replica on every primary that has one.

@@ -384,6 +384,29 @@ async def test_single_stream_consumer_acknowledges_only_after_wait_on_the_cluste
         await consumer.redis.aclose()
 
 
+async def test_a_dead_letter_reaches_a_replica_before_its_entry_is_acknowledged(
+    cluster: RedisCluster, client: aioredis.Redis, namespace: str
+) -> None:
+    """A poison entry (no membership write) is acknowledged only after its dead letter was
+    WAITed for: a failover right after the XACK cannot lose it from both streams."""
+    settings = consumer_settings(cluster, namespace, 1)
+    consumer = StreamConsumer(settings, consumer_name="c1")
+    try:
+        await consumer.ensure_group()
+        await client.xadd(settings.events_stream, {b"garbage": b"not an event"})
+        await consumer._step()
+        assert sum(consumer.stats.dead_lettered.values()) == 1
+        assert await client.xlen(settings.dead_letter_stream) == 1
+        pending = await client.xpending(settings.events_stream, settings.consumer_group)
+        assert pending["pending"] == 0
+        assert consumer.replica_acks is not None
+        marker = consumer.replica_acks.marker(settings.dead_letter_stream)
+        assert await client.exists(marker) == 1  # the WAIT's marker, beside the dead letter
+        assert consumer.stats.replication_unprotected == 0
+    finally:
+        await consumer.redis.aclose()
+
+
 # --- snapshot loaders sharing parts by claims --------------------------------------------------
 def write_parts(directory: Path, cut_ms: int, parts: int, per_part: int) -> list[str]:
     directory.mkdir()
