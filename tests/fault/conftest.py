@@ -3,11 +3,14 @@
 Every fault test gets a private redis-server (AOF on, ``appendfsync everysec``: the setting
 docs/OPERATIONS.md asks for when events must survive a Redis crash), the real
 ``pricing-service`` and ``sync-worker consume`` processes, and a :class:`Load` with its model.
-Short timeouts everywhere so that a fault shows within a few hundred milliseconds.
+The cluster fault tests get a private Redis Cluster instead (:class:`ClusterSystem`: 3 masters
++ 3 replicas, partitioned events, WAIT before XACK). Short timeouts everywhere so that a fault
+shows within a few hundred milliseconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -16,14 +19,16 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Self
 
 import pytest
 
 from tests.conftest import service_missing
-from tests.support.load import Load, LoadConfig, Population
+from tests.support.load import Call, Load, LoadConfig, Population
 from tests.support.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
+from tests.support.redis_cluster import RedisCluster, running_cluster
 from tests.support.redis_server import RedisServer, free_port
 
 STRICT_MAX_LAG_MS = 1000
@@ -43,17 +48,58 @@ FAULT_ENV = {
 }
 
 
-class System:
-    """Private Redis + pricing server(s) + stream consumer, started and stopped by the test."""
+def now_ms() -> float:
+    return time.time() * 1000
 
-    def __init__(
-        self, redis: RedisServer, tmp: Path, extra: Mapping[str, str] | None = None
-    ) -> None:
-        self.redis = redis
+
+async def in_thread(fn: Callable[[], object]) -> None:
+    """Blocking fault actions off the event loop, so the load's clocks keep running."""
+    await asyncio.to_thread(fn)
+
+
+def assert_mostly_fresh(calls: list[Call], what: str) -> None:
+    """Undegraded answers, bar a CPU hiccup or two (the budget is 200 ms on a busy 2-core box)."""
+    stale = sum(c.degraded for c in calls)
+    assert calls and stale <= max(2, len(calls) // 50), f"{what}: {stale}/{len(calls)}"
+
+
+def unrecovered(load: Load, end_ms: float) -> str:
+    """What was still wrong in the second of load before ``end_ms`` ("" = nothing): batch
+    answers must be undegraded again (bar a CPU hiccup or two), strict must answer again."""
+    since_ms = end_ms - 1000
+    batch = load.calls_between("BatchGetLowestPrice", since_ms, end_ms)
+    strict = load.calls_between("CheckDiscountStrict", since_ms, end_ms)
+    stale = sum(c.degraded for c in batch)
+    if not batch or stale > max(2, len(batch) // 50):
+        return f"batch answers still degraded after the fault: {stale}/{len(batch)}"
+    refused = [c.code for c in strict if c.code != "OK"]
+    if not strict or len(refused) > max(1, len(strict) // 50):
+        return f"strict still refuses after the fault: {refused} of {len(strict)}"
+    return ""
+
+
+def assert_recovered(load: Load) -> None:
+    """In the last second of load, after the fault: batch answers undegraded again, strict
+    answers again."""
+    assert load.stopped_ms, "call after load.stop()"
+    problem = unrecovered(load, load.stopped_ms)
+    assert not problem, problem
+
+
+class Deployment:
+    """Pricing server(s) + stream consumer(s) on one Redis URL, started and stopped by the
+    test; :class:`System` (one private redis-server) and :class:`ClusterSystem` (a private
+    Redis Cluster) add the Redis side."""
+
+    #: the load's producer waits for this many replicas per batch (``WAIT``; 0 = not)
+    producer_wait_replicas = 0
+
+    def __init__(self, redis_url: str, tmp: Path, extra: Mapping[str, str] | None = None) -> None:
+        self.redis_url = redis_url
         self.tmp = tmp
         self.namespace = f"fault:{uuid.uuid4().hex[:8]}:"
         self.env = service_env(
-            redis_url=redis.url,
+            redis_url=redis_url,
             namespace=self.namespace,
             tmp=tmp,
             extra={**FAULT_ENV, **(extra or {})},
@@ -87,13 +133,15 @@ class System:
             setattr(cfg, k, v)
         return Load(
             target=self.target,
-            redis_url=self.redis.url,
+            redis_url=self.redis_url,
             namespace=self.namespace,
             events_stream=self.env["PRICING_EVENTS_STREAM"],
             consumer_group=self.env["PRICING_CONSUMER_GROUP"],
             dead_letter_stream=self.env["PRICING_DEAD_LETTER_STREAM"],
             population=population or Population.make("u"),
             config=cfg,
+            partitions=int(self.env.get("PRICING_EVENT_PARTITIONS", "1")),
+            producer_wait_replicas=self.producer_wait_replicas,
         )
 
     def logs(self) -> str:
@@ -113,6 +161,47 @@ class System:
         for p in self.servers + self.workers:
             p.kill()
 
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_all()
+
+
+class System(Deployment):
+    """Private Redis + pricing server(s) + stream consumer, started and stopped by the test."""
+
+    def __init__(
+        self, redis: RedisServer, tmp: Path, extra: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(redis.url, tmp, extra)
+        self.redis = redis
+
+
+#: Event partitions of a cluster fault test: spread over the three masters.
+CLUSTER_PARTITIONS = 4
+
+
+class ClusterSystem(Deployment):
+    """A private Redis Cluster (3 masters + 3 replicas) + pricing server + partitioned stream
+    consumers that acknowledge an entry only after a replica has its writes (``WAIT``)."""
+
+    producer_wait_replicas = 1
+
+    def __init__(
+        self, cluster: RedisCluster, tmp: Path, extra: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(
+            cluster.url,
+            tmp,
+            {
+                "PRICING_EVENT_PARTITIONS": str(CLUSTER_PARTITIONS),
+                "PRICING_REDIS_WAIT_REPLICAS": "1",
+                **(extra or {}),
+            },
+        )
+        self.cluster = cluster
+
 
 @pytest.fixture
 def fault_redis() -> Iterator[RedisServer]:
@@ -127,28 +216,45 @@ def fault_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def system(fault_redis: RedisServer, tmp_path: Path) -> Iterator[System]:
-    s = System(fault_redis, tmp_path)
-    try:
+    with System(fault_redis, tmp_path) as s:
         yield s
+
+
+@contextlib.asynccontextmanager
+async def started(system: Deployment, *, workers: int = 1, **load: object) -> AsyncIterator[Load]:
+    """Server + worker(s) started, state seeded, strict ready; the processes must exit 0 at
+    the end (no process stuck)."""
+    system.start_server()
+    for _ in range(workers):
+        system.start_worker()
+    running = system.load(None, **load)
+    try:
+        await running.seed_state()
+        await running.wait_strict_ready()
+        yield running
     finally:
-        s.kill_all()
+        await running.close()
+    codes = system.stop_all()
+    assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n{system.logs()}"
 
 
 @pytest.fixture
 async def running(system: System) -> AsyncIterator[tuple[System, Load]]:
-    """Server + worker started, state seeded, strict ready; the processes must exit 0 at the
-    end (no process stuck)."""
-    system.start_server()
-    system.start_worker()
-    load = system.load()
-    try:
-        await load.seed_state()
-        await load.wait_strict_ready()
+    async with started(system) as load:
         yield system, load
-    finally:
-        await load.close()
-    codes = system.stop_all()
-    assert all(c == 0 for c in codes.values()), f"exit codes {codes}\n{system.logs()}"
+
+
+@pytest.fixture
+def fault_cluster() -> Iterator[RedisCluster]:
+    """A cluster of the test's own: its masters get killed and failed over."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_system(fault_cluster: RedisCluster, tmp_path: Path) -> Iterator[ClusterSystem]:
+    with ClusterSystem(fault_cluster, tmp_path) as s:
+        yield s
 
 
 # --- a private PostgreSQL ---------------------------------------------------------------------

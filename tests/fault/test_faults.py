@@ -14,7 +14,6 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -22,42 +21,24 @@ import pytest
 import redis as redis_sync
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
-from tests.fault.conftest import FAULT_ENV, STRICT_MAX_LAG_MS, PostgresServer, System
-from tests.support.load import ITEM, Call, Load
+from tests.fault.conftest import (
+    FAULT_ENV,
+    STRICT_MAX_LAG_MS,
+    PostgresServer,
+    System,
+    assert_mostly_fresh,
+    assert_recovered,
+    in_thread,
+    now_ms,
+)
+from tests.support.load import ITEM, Load
 
 pytestmark = pytest.mark.fault
 BUDGET_MS = int(FAULT_ENV["PRICING_MEMBERSHIP_BUDGET_MS"])
 
 
-def now_ms() -> float:
-    return time.time() * 1000
-
-
-async def in_thread(fn: Callable[[], object]) -> None:
-    """Blocking fault actions off the event loop, so the load's clocks keep running."""
-    await asyncio.to_thread(fn)
-
-
 def rows_done(checkpoints: dict[Any, Any]) -> int:
     return sum(int(json.loads(v)["offset"]) for v in checkpoints.values())
-
-
-def assert_mostly_fresh(calls: list[Call], what: str) -> None:
-    """Undegraded answers, bar a CPU hiccup or two (the budget is 200 ms on a busy 2-core box)."""
-    stale = sum(c.degraded for c in calls)
-    assert calls and stale <= max(2, len(calls) // 50), f"{what}: {stale}/{len(calls)}"
-
-
-def assert_recovered(load: Load) -> None:
-    """In the last second of load, after the fault: batch answers undegraded again, strict
-    answers again."""
-    assert load.stopped_ms, "call after load.stop()"
-    since_ms = load.stopped_ms - 1000
-    batch = load.calls_between("BatchGetLowestPrice", since_ms, load.stopped_ms)
-    strict = load.calls_between("CheckDiscountStrict", since_ms, load.stopped_ms)
-    assert_mostly_fresh(batch, "batch answers still degraded after the fault")
-    refused = [c.code for c in strict if c.code != "OK"]
-    assert strict and len(refused) <= max(1, len(strict) // 50), refused
 
 
 async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:

@@ -17,6 +17,12 @@ While it runs it checks every answer against what it knows, and records a
   ``UNAVAILABLE`` (or runs out of its deadline);
 * admin upserts fail, if at all, with ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED``.
 
+Events go to the buyer's partition (``partitions``, as ``PRICING_EVENT_PARTITIONS``), and on
+a Redis Cluster (a ``redis[s]+cluster://`` URL) the producer may wait until a replica has
+every batch (``producer_wait_replicas``, ``WAIT``) before it counts the events as
+acknowledged, as a durable producer does: a master killed before replicating then cannot
+lose an event the model already holds.
+
 After the load stops, :meth:`Load.settle` waits for the sync worker to apply everything and
 :meth:`Load.check_final_state` compares Redis with the :class:`MembershipModel` (every record,
 exactly: state, version and expiry, last writer wins by the time of the fact), the stream's
@@ -39,12 +45,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing_service.config import load_settings
 from pricing_service.domain import Crowd, CrowdKind, SystemClock
 from pricing_service.membership import derive
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import MembershipLayout, Record
 from pricing_service.membership.store import MembershipStore
+from pricing_service.redis_client import TRANSIENT_ERRORS, ReplicaAcks, is_cluster_url, make_redis
 from sync_worker.events import EVENT_FIELD, make_event
+from sync_worker.partitions import partition_of, partition_streams
 
 SELLER = "42"
 ITEM = "1001"
@@ -55,6 +64,8 @@ CURRENCY = "CNY"
 STREAM_SELLERS = tuple(str(s) for s in range(100, 110))
 DEFAULT_TTLS = Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
 ADMIN_TOKEN = "test-admin-token"
+#: What a publish may meet while Redis (or a cluster node) is down or failing over: retried.
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, *TRANSIENT_ERRORS)
 
 
 def now_ms() -> int:
@@ -212,6 +223,8 @@ class Load:
         config: LoadConfig | None = None,
         admin_token: str = ADMIN_TOKEN,
         seed: int = 7,
+        partitions: int = 1,
+        producer_wait_replicas: int = 0,
     ) -> None:
         targets = [target] if isinstance(target, str) else list(target)
         # several channels with their own connections (spread over processes sharing a port)
@@ -220,11 +233,28 @@ class Load:
             for t in targets
         ]
         self.redis_url = redis_url
-        self.redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=1.0, socket_connect_timeout=0.5
-        )
+        self.redis: aioredis.Redis
+        if is_cluster_url(redis_url):
+            self.redis = make_redis(
+                load_settings(
+                    redis_url=redis_url, redis_socket_timeout_ms=1000, redis_connect_timeout_ms=500
+                )
+            )
+        else:
+            self.redis = aioredis.Redis.from_url(
+                redis_url, socket_timeout=1.0, socket_connect_timeout=0.5
+            )
         self.layout = MembershipLayout(namespace)
         self.stream = events_stream
+        self.partitions = partitions
+        self.streams = partition_streams(events_stream, partitions)
+        self.producer_acks = (
+            ReplicaAcks(
+                self.redis, f"{namespace}test:producer-ack:", replicas=producer_wait_replicas
+            )
+            if producer_wait_replicas > 0
+            else None
+        )
         self.group = consumer_group
         self.dead_stream = dead_letter_stream
         self.pop = population
@@ -269,7 +299,7 @@ class Load:
         store = MembershipStore(self.redis, self.layout, SystemClock())
         result = await store.apply(writes)
         assert not result.failed_users, result.failed_users
-        await self.redis.xadd(self.stream, {b"garbage": b"not an event"})
+        await self.redis.xadd(self.streams[0], {b"garbage": b"not an event"})
         self.poison_published += 1
         if rule:
             await self.upsert_rule(SELLER, ITEM, FAN_PRICE)
@@ -490,8 +520,12 @@ class Load:
         self._user_clock[user] = t
         return t
 
+    def stream_of(self, user: str) -> str:
+        return self.streams[partition_of(user, self.partitions)]
+
     async def _publish(self, events: list[tuple[str, str, str, int]], *, give_up_s: float) -> float:
-        """XADD until acknowledged (a retry after a lost reply is a harmless duplicate)."""
+        """XADD until acknowledged (a retry after a lost reply is a harmless duplicate); with
+        ``producer_wait_replicas``, acknowledged means a replica has the entries too."""
         entries = [
             {EVENT_FIELD: make_event(k, u, s, at).SerializeToString()} for k, u, s, at in events
         ]
@@ -499,11 +533,17 @@ class Load:
         while True:
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for e in entries:
-                    pipe.xadd(self.stream, e)  # type: ignore[arg-type]
+                for (_, user, _, _), e in zip(events, entries, strict=True):
+                    pipe.xadd(self.stream_of(user), e)  # type: ignore[arg-type]
                 await pipe.execute()
+                if self.producer_acks is not None:
+                    waited = await self.producer_acks.wait(
+                        {self.stream_of(u) for _, u, _, _ in events}
+                    )
+                    if not waited.ok:
+                        raise RedisError(f"WAIT short on {waited.short}")
                 break
-            except (RedisError, OSError) as exc:
+            except PUBLISH_ERRORS as exc:
                 self.publish_errors += 1
                 if time.monotonic() > deadline:
                     raise AssertionError(f"could not publish for {give_up_s}s: {exc!r}") from exc
@@ -593,11 +633,14 @@ class Load:
 
     async def stream_state(self) -> dict[str, int]:
         raw = await self.redis.get(self.layout.watermark_key)
-        pending = await self.redis.xpending(self.stream, self.group)
+        pending = length = 0
+        for stream in self.streams:
+            pending += int((await self.redis.xpending(stream, self.group))["pending"])
+            length += int(await self.redis.xlen(stream))
         return {
             "watermark_ms": int(raw) if raw is not None else 0,
-            "pending": int(pending["pending"]),
-            "length": int(await self.redis.xlen(self.stream)),
+            "pending": pending,
+            "length": length,
             "dead_letters": int(await self.redis.xlen(self.dead_stream)),
         }
 
