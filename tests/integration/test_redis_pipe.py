@@ -78,7 +78,7 @@ async def test_a_late_reply_is_dropped_and_later_replies_still_match(
     try:
         assert await reader.hmget("k2", [b"f"]) == [b"new"]
         # CLIENT PAUSE holds every client's commands: the caller gives up, its reply comes later
-        await client.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        await client.client_pause(300, all=True)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await reader.hmget("k", [b"f"])
