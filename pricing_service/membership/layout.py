@@ -197,25 +197,31 @@ local function parse(v)
   local tomb = low % 2
   return ver, tomb, ver + (low - tomb) / 2 * 1000
 end
+-- value -> {ver, tomb, exp, value}, parsed once per distinct value and shared by every field
+-- holding it (records are immutable): the fields a snapshot wrote all hold the same value
+local parsed = {}
+local function record(v)
+  local p = parsed[v]
+  if p == nil then
+    local pv, pt, pe = parse(v)
+    p = {pv, pt, pe, v}
+    parsed[v] = p
+  end
+  return p
+end
 for i = 1, #raw, 2 do
-  local ver, tomb, exp = parse(raw[i + 1])
-  if ver == nil or exp <= now then
+  local p = record(raw[i + 1])
+  if p[1] == nil or p[3] <= now then
     drop[#drop + 1] = raw[i]
   else
-    cur[raw[i]] = {ver, tomb, exp, raw[i + 1]}
+    cur[raw[i]] = p
   end
 end
 local applied, stale, unmet = 0, 0, 0
 local touched = {}
-local parsed = {}
 for i = 2, #ARGV, 3 do
   local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local p = parsed[v]
-  if p == nil then
-    local pv, pt, pe = parse(v)
-    p = {pv, pt, pe, v}  -- shared by every field written with this value (records are immutable)
-    parsed[v] = p
-  end
+  local p = record(v)
   local ver, tomb, exp = p[1], p[2], p[3]
   local old = cur[f]
   local cond = nil
