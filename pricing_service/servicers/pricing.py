@@ -18,8 +18,9 @@ from pricing_service.servicers.convert import (
     require_id,
 )
 
-#: Entries of each memo of :class:`PricingServicer` before it is cleared.
-MEMO_SIZE = 50_000
+#: Entries of each memo of :class:`PricingServicer` before it is cleared: the hot items and
+#: list prices fit; a bigger memo mostly holds cold entries (an ItemPrice is ~300 bytes).
+MEMO_SIZE = 8_192
 
 
 class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
