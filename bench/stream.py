@@ -1,15 +1,22 @@
 """Stream consumer throughput and publish-to-visible latency, through ``sync-worker consume``.
 
     python -m bench.stream [--events 200000] [--rate 5000] [--seconds 10]
+                           [--partitions 1] [--workers 1]
 
 1. Sustained throughput: ``--events`` relation events (70% follow, 30% unfollow, 100k buyers)
-   are published to a private redis-server first; then ``sync-worker consume`` (a subprocess,
-   default settings: batch 500) drains them. Rate = entries consumed / time from the first
-   entry read to "no backlog, nothing pending".
-2. Visibility: with the consumer running, events are published at ``--rate`` events/s for
-   ``--seconds``; for one event of every publish call (every 10 ms) the bench polls Redis
-   until the membership is visible: latency = first visible - XADD acknowledged. The
-   watermark lag (Redis TIME - watermark) is sampled at the same time.
+   are published to a private redis-server first, each to its buyer's partition as the real
+   producer does (``PartitionedPublisher``; ``--partitions 1``: the one stream); then
+   ``--workers`` ``sync-worker consume`` subprocesses (``PRICING_EVENT_PARTITIONS``, default
+   settings: batch 500; each reads every partition as a member of the one group) drain them.
+   Rate = entries consumed / time from the first entry read to "every partition fully read,
+   nothing pending, no backlog". Consumer CPU is summed over the workers, each counted from
+   the first entry read or, if later, from its first read of the group (its start-up is not
+   counted).
+2. Visibility: with the consumers running, events are published (to their partitions) at
+   ``--rate`` events/s for ``--seconds``; for one event of every publish call (every 10 ms)
+   the bench polls Redis until the membership is visible: latency = first visible - XADD
+   acknowledged. The watermark lag (Redis TIME - watermark, the minimum over the partitions)
+   is sampled at the same time.
 
 The last line is one JSON object.
 """
@@ -32,12 +39,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from pricing_service.membership.layout import MembershipLayout
-from sync_worker.events import FOLLOW, UNFOLLOW, EventPublisher, make_event
+from sync_worker.events import FOLLOW, UNFOLLOW, make_event
+from sync_worker.partitions import PartitionedPublisher
 from tests.support.redis_server import RedisServer
 
 NS = "bench:"
 STREAM = f"{NS}events"
-GROUP = "pricing-sync"
+GROUP = "pricing-sync"  # the consumers' default PRICING_CONSUMER_GROUP
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +67,7 @@ async def redis_cpu_s(r: aioredis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def start_consumer(url: str) -> subprocess.Popen[bytes]:
+def start_consumer(url: str, partitions: int, name: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}
     env.update(
         {
@@ -67,7 +75,8 @@ def start_consumer(url: str) -> subprocess.Popen[bytes]:
             "PRICING_REDIS_NAMESPACE": NS,
             "PRICING_EVENTS_STREAM": STREAM,
             "PRICING_DEAD_LETTER_STREAM": f"{NS}dead",
-            "PRICING_CONSUMER_NAME": "bench",
+            "PRICING_EVENT_PARTITIONS": str(partitions),
+            "PRICING_CONSUMER_NAME": name,
             "PRICING_LOG_FORMAT": "json",
             "PRICING_LOG_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join(
@@ -90,20 +99,34 @@ async def command_usec(r: aioredis.Redis) -> dict[str, tuple[int, int]]:
     return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
 
 
-async def group_state(r: aioredis.Redis) -> tuple[int, int, int]:
-    """(entries read by the group, pending, backlog)."""
-    if not await r.exists(STREAM):
+async def group_state(r: aioredis.Redis, stream: str) -> tuple[int, int, int]:
+    """(entries read by the group, pending, backlog) of one stream."""
+    if not await r.exists(stream):
         return 0, 0, 0
-    groups: Any = await r.xinfo_groups(STREAM)
+    groups: Any = await r.xinfo_groups(stream)
     if not groups:
         return 0, 0, 0
     g = groups[0]
     return int(g.get("entries-read") or 0), int(g["pending"]), int(g.get("lag") or 0)
 
 
-async def throughput(url: str, n: int) -> dict[str, Any]:
+async def group_members(r: aioredis.Redis, streams: Sequence[str]) -> set[str]:
+    """Consumer names that have read (or claimed) from any of ``streams``."""
+    names: set[str] = set()
+    for stream in streams:
+        try:
+            consumers: Any = await r.xinfo_consumers(stream, GROUP)
+        except aioredis.ResponseError:  # NOGROUP: no worker has reached this partition yet
+            continue
+        for c in consumers:
+            name = c["name"]
+            names.add(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+async def throughput(url: str, n: int, partitions: int, workers: int) -> dict[str, Any]:
     r = aioredis.Redis.from_url(url, socket_timeout=30)
-    pub = EventPublisher(r, STREAM, chunk=2000)
+    pub = PartitionedPublisher(r, STREAM, partitions, chunk=2000)
     rng = random.Random(1)
     now = time.time_ns() // 1_000_000
     t = time.perf_counter()
@@ -119,30 +142,55 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             for k in range(min(10_000, n - i))
         ]
         await pub.publish(evs, validate=False)
-    print(f"published {n:,} events in {time.perf_counter() - t:.1f}s (not measured)")
-    proc = start_consumer(url)
+    streams = pub.streams
+    sizes = [int(await r.xlen(s)) for s in streams]
+    print(
+        f"published {n:,} events to {len(streams)} stream(s) {sizes}"
+        f" in {time.perf_counter() - t:.1f}s (not measured)"
+    )
+    procs = {
+        name: start_consumer(url, partitions, name)
+        for name in (f"bench-{i}" for i in range(workers))
+    }
     try:
         t_first = None
         read_first = 0
+        cpu0: dict[str, float] = {}  # per worker: CPU at the start of its measured interval
         while True:
-            read, pending, lag = await group_state(r)
+            states = [await group_state(r, s) for s in streams]
+            read = sum(st[0] for st in states)
             now_p = time.perf_counter()
             if t_first is None and read > 0:
                 t_first, read_first = now_p, read
-                cpu0, rcpu0 = proc_cpu_s(proc.pid), await redis_cpu_s(r)
+                rcpu0 = await redis_cpu_s(r)
                 stats0 = await command_usec(r)
-            if read >= n and pending == 0 and lag == 0:
+            if t_first is not None and len(cpu0) < workers:
+                for name in await group_members(r, streams) - cpu0.keys():
+                    cpu0[name] = proc_cpu_s(procs[name].pid)
+            if all(
+                got >= size and pending == 0 and lag == 0
+                for (got, pending, lag), size in zip(states, sizes, strict=True)
+            ):
                 t_end = now_p
-                cpu_us = (proc_cpu_s(proc.pid) - cpu0) / max(n - read_first, 1) * 1e6
+                # a worker that never read in the interval counts 0 (its start-up is excluded)
+                cpu_s = sum(
+                    proc_cpu_s(p.pid) - cpu0.get(name, proc_cpu_s(p.pid))
+                    for name, p in procs.items()
+                )
+                cpu_us = cpu_s / max(n - read_first, 1) * 1e6
                 rcpu_us = (await redis_cpu_s(r) - rcpu0) / max(n - read_first, 1) * 1e6
                 stats1 = await command_usec(r)
                 break
+            for p in procs.values():
+                if p.poll() is not None:
+                    raise RuntimeError(f"consumer {p.pid} exited with {p.returncode}")
             await asyncio.sleep(0.01)
         assert t_first is not None
         rate = (n - read_first) / max(t_end - t_first, 1e-9)
         print(
-            f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s;"
-            f" CPU per event: consumer {cpu_us:.1f} us, redis {rcpu_us:.1f} us"
+            f"consumed {n - read_first:,} events in {t_end - t_first:.2f}s = {rate:,.0f} events/s"
+            f" ({workers} worker(s), {partitions} partition(s)); CPU per event: consumers"
+            f" {cpu_us:.1f} us, redis {rcpu_us:.1f} us"
         )
         # where Redis spends its time (commandstats; the bench's own polling included)
         per_event: dict[str, float] = {}
@@ -155,8 +203,11 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
                     f" us/call, {per_event[cmd]:.2f} us/event"
                 )
         # start the latency phase only once the watermark has caught up too
-        last: Any = await r.xrevrange(STREAM, count=1)
-        last_ms = int(last[0][0].split(b"-")[0])
+        last_ms = 0
+        for stream in streams:
+            last: Any = await r.xrevrange(stream, count=1)
+            if last:
+                last_ms = max(last_ms, int(last[0][0].split(b"-")[0]))
         wm_key = MembershipLayout(NS).watermark_key
         for _ in range(3000):  # polling another process's progress
             if int(await r.get(wm_key) or 0) > last_ms:
@@ -168,19 +219,20 @@ async def throughput(url: str, n: int) -> dict[str, Any]:
             "consumer_cpu_us_per_event": round(cpu_us, 1),
             "redis_cpu_us_per_event": round(rcpu_us, 1),
             "redis_command_us_per_event": {k: round(v, 2) for k, v in per_event.items()},
-            "proc": proc,
+            "procs": list(procs.values()),
             "redis": r,
         }
     except BaseException:
-        proc.kill()
+        for p in procs.values():
+            p.kill()
         raise
 
 
-async def visibility(url: str, rate: int, seconds: float) -> dict[str, Any]:
+async def visibility(url: str, rate: int, seconds: float, partitions: int) -> dict[str, Any]:
     r = aioredis.Redis.from_url(url, socket_timeout=10)
     check = aioredis.Redis.from_url(url, socket_timeout=10)
     layout = MembershipLayout(NS)
-    pub = EventPublisher(r, STREAM)
+    pub = PartitionedPublisher(r, STREAM, partitions)
     tick = 0.01
     per_tick = max(1, round(rate * tick))
     waiting: dict[str, float] = {}
@@ -254,15 +306,21 @@ async def visibility(url: str, rate: int, seconds: float) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    tp = await throughput(url, args.events)
-    proc: subprocess.Popen[bytes] = tp.pop("proc")
+    tp = await throughput(url, args.events, args.partitions, args.workers)
+    procs: list[subprocess.Popen[bytes]] = tp.pop("procs")
     await tp.pop("redis").aclose()
     try:
-        vis = await visibility(url, args.rate, args.seconds)
+        vis = await visibility(url, args.rate, args.seconds, args.partitions)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    return {**tp, **vis, "consumer_exit_code": code}
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(30) for p in procs]
+    return {
+        **tp,
+        **vis,
+        "consumer_exit_code": next((c for c in codes if c != 0), 0),
+        "consumer_exit_codes": codes,
+    }
 
 
 def main() -> None:
@@ -270,6 +328,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--partitions", type=int, default=1, help="PRICING_EVENT_PARTITIONS (1: one stream)"
+    )
+    ap.add_argument(
+        "--workers", type=int, default=1, help="sync-worker consume processes in the group"
+    )
     args = ap.parse_args()
     server = RedisServer().start()
     try:
@@ -279,6 +343,8 @@ def main() -> None:
     result.update(
         {
             "rate_target": args.rate,
+            "partitions": args.partitions,
+            "workers": args.workers,
             "cpus": os.cpu_count(),
             "load_average_1m": round(os.getloadavg()[0], 2),
         }
