@@ -78,6 +78,18 @@ def unrecovered(load: Load, end_ms: float) -> str:
     return ""
 
 
+async def wait_recovered(load: Load, *, settle_s: float = 1.5, timeout_s: float = 30) -> None:
+    """Keep the load running after a fault until a whole second of it looks recovered
+    (:func:`unrecovered`), at least ``settle_s``: on a loaded host a restarted process may
+    take longer than a fixed sleep to start. Does not assert; :func:`assert_recovered` does,
+    after ``load.stop()``."""
+    await asyncio.sleep(settle_s)
+    for _ in range(int(timeout_s / 0.25)):  # polling the load's own record of answers
+        if not unrecovered(load, time.time() * 1000):
+            return
+        await asyncio.sleep(0.25)
+
+
 def assert_recovered(load: Load) -> None:
     """In the last second of load, after the fault: batch answers undegraded again, strict
     answers again."""

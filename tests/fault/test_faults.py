@@ -30,6 +30,7 @@ from tests.fault.conftest import (
     assert_recovered,
     in_thread,
     now_ms,
+    wait_recovered,
 )
 from tests.support.load import ITEM, Load
 
@@ -45,12 +46,12 @@ async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:
     system, load = running
     load.start()
     await asyncio.sleep(1.0)
-    killed = now_ms()
-    await in_thread(system.redis.kill)
+    await in_thread(system.redis.kill)  # returns once the process is gone
+    killed = now_ms()  # (taken before the kill, a loaded host let calls finish after it)
     await asyncio.sleep(1.0)
     restarted = now_ms()  # (calls from here on may find Redis back)
     await in_thread(system.redis.start)  # same port, same AOF
-    await asyncio.sleep(2.5)
+    await wait_recovered(load, settle_s=2.5)
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
@@ -68,12 +69,12 @@ async def test_redis_hung_by_sigstop_then_sigcont(running: tuple[System, Load]) 
     system, load = running
     load.start()
     await asyncio.sleep(1.0)
-    stopped = now_ms()
     await in_thread(system.redis.pause)
+    stopped = now_ms()  # after SIGSTOP was sent: the window starts when Redis is stopped
     await asyncio.sleep(2.0)
     resuming = now_ms()
     await in_thread(system.redis.resume)
-    await asyncio.sleep(2.5)
+    await wait_recovered(load, settle_s=2.5)
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
@@ -96,11 +97,12 @@ async def test_client_pause(running: tuple[System, Load], mode: str) -> None:
     _, load = running
     load.start()
     await asyncio.sleep(1.0)
-    paused = now_ms()
+    asked = now_ms()
     await load.redis.client_pause(2000, all=mode == "ALL")
+    paused = now_ms()  # in force from some moment between asked and now: for 2 s
     await asyncio.sleep(2.0)
-    unpaused = paused + 2000
-    await asyncio.sleep(2.5)
+    unpaused = asked + 2000
+    await wait_recovered(load, settle_s=2.5)
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
@@ -170,7 +172,7 @@ async def test_sync_worker_sigkill_mid_stream(running: tuple[System, Load]) -> N
     await asyncio.sleep(2.0)
     restarting = now_ms()
     system.start_worker()
-    await asyncio.sleep(3.0)
+    await wait_recovered(load, settle_s=3.0)
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()
@@ -307,7 +309,7 @@ async def test_postgresql_restart(system: System, private_pg: PostgresServer) ->
         await asyncio.sleep(1.5)
         restarting = now_ms()
         await in_thread(private_pg.start)
-        await asyncio.sleep(2.5)
+        await wait_recovered(load, settle_s=2.5)
         await load.stop()
         summary = await load.check_final_state()
         # the index follows the store again: a rule written now is served
@@ -338,7 +340,7 @@ async def test_sync_worker_hung_by_sigstop(running: tuple[System, Load]) -> None
     await asyncio.sleep(2.5)
     resumed = now_ms()
     worker.proc.send_signal(signal.SIGCONT)
-    await asyncio.sleep(2.0)
+    await wait_recovered(load, settle_s=2.0)
     await load.stop()
     summary = await load.check_final_state()
     load.assert_no_violations()

@@ -58,6 +58,8 @@ def system(
     try:
         wait_serving(env["PRICING_LISTEN"], server)
         worker = sync_worker(env, tmp_path / "worker.log", "consume")
+        # its SIGTERM handler is in place from here on (a SIGTERM during start-up kills it)
+        worker.wait_log("stream_consumer_started")
         yield env, server, worker
     finally:
         codes = {"server": server.terminate()}

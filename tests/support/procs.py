@@ -56,8 +56,19 @@ class Proc:
         return self.proc.poll() is None
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, event: str, timeout: float = 30) -> None:
+        """Until the log holds ``event`` (fails early if the process died)."""
+        deadline = time.monotonic() + timeout
+        while event not in self.log():
+            if not self.alive():
+                raise AssertionError(f"process exited before {event}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event} within {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
 
     def terminate(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
