@@ -33,6 +33,7 @@ from pricing_service.logging import configure_logging
 from pricing_service.membership.derive import Ttls, snapshot_row
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import make_redis
+from pricing_service.redis_pipe import encode_command
 from sync_worker.common import parse_rfc3339_ms
 from sync_worker.parallel import load_parallel
 from sync_worker.snapshot import SnapshotLoader
@@ -40,14 +41,6 @@ from sync_worker.snapshot_gen import realistic_rows, write_snapshot
 from tests.support.redis_server import RedisServer
 
 NS = "bench:"
-
-
-def _resp(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else a.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
 
 
 def make_pipe_file(snapshot: Path, path: Path, settings: Settings) -> int:
@@ -76,8 +69,8 @@ def make_pipe_file(snapshot: Path, path: Path, settings: Settings) -> int:
                     for w in ws:
                         args.append(layout.crowd_field(w.crowd))
                         args.append(layout.encode(w.version_ms, w.expires_ms, tombstone=False))
-                    buf.append(_resp(*args))
-                    buf.append(_resp("PEXPIREAT", key, str(ws[0].expires_ms)))
+                    buf.append(encode_command(tuple(args)))
+                    buf.append(encode_command(("PEXPIREAT", key, str(ws[0].expires_ms))))
                     n += len(ws)
                     if len(buf) > 20_000:
                         out.write(b"".join(buf))

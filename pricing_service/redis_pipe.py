@@ -29,7 +29,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -55,7 +55,7 @@ def encode_command(args: tuple[bytes | str, ...]) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection: writes commands, matches replies to waiting futures in order."""
 
-    def __init__(self, on_lost: Any) -> None:
+    def __init__(self, on_lost: Callable[[_Protocol], None]) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._reader = hiredis.Reader()

@@ -18,6 +18,19 @@ from pricing_service.servicers.convert import (
     require_id,
 )
 
+
+def _fill_item_price(d: Decision, out: pricing_pb2.ItemPrice) -> None:
+    """The price and the applied rule of a decision into ``out`` (not the explanations)."""
+    if d.price is not None:
+        money_to_proto(d.price, out.price)
+    rule = d.rule
+    if rule is not None:
+        out.discounted = True
+        out.rule_id = rule.rule_id
+        out.crowd = int(rule.kind)  # type: ignore[assignment]
+        out.seller_id = rule.seller_id
+
+
 #: Entries of each memo of :class:`PricingServicer` before it is cleared: the hot items and
 #: list prices fit; a bigger memo mostly holds cold entries (an ItemPrice is ~300 bytes).
 MEMO_SIZE = 8_192
@@ -96,14 +109,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         prices = response.prices
         for query, d in zip(queries, result.decisions, strict=True):
             out = prices.add(item_id=query.item_id)
-            if d.price is not None:
-                money_to_proto(d.price, out.price)
-            rule = d.rule
-            if rule is not None:
-                out.discounted = True
-                out.rule_id = rule.rule_id
-                out.crowd = int(rule.kind)  # type: ignore[assignment]
-                out.seller_id = rule.seller_id
+            _fill_item_price(d, out)
             for ev in d.evaluations:
                 e = out.evaluations.add(
                     rule_id=ev.rule.rule_id,
@@ -129,13 +135,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         out = answers.get(key)
         if out is None:
             out = pricing_pb2.ItemPrice(item_id=item_id)
-            if price is not None:
-                money_to_proto(price, out.price)
-            if rule is not None:
-                out.discounted = True
-                out.rule_id = rule.rule_id
-                out.crowd = int(rule.kind)  # type: ignore[assignment]
-                out.seller_id = rule.seller_id
+            _fill_item_price(d, out)
             if len(answers) >= MEMO_SIZE:
                 answers.clear()
             answers[key] = out

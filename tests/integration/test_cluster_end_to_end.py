@@ -77,19 +77,21 @@ def write_snapshot(directory: Path, cut: datetime, fans: list[str]) -> None:
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def price(stub: pricing_pb2_grpc.PricingServiceStub, user: str) -> pricing_pb2.ItemPrice:
-    response = stub.BatchGetLowestPrice(
-        pricing_pb2.BatchGetLowestPriceRequest(
-            user_id=user,
-            items=[
-                pricing_pb2.PriceQuery(
-                    item_id="1001",
-                    list_price=common_pb2.Money(currency_code="CNY", amount_minor=2500),
-                )
-            ],
-        ),
-        timeout=5,
+def page_request(user: str) -> pricing_pb2.BatchGetLowestPriceRequest:
+    """The one-item page every check of this module asks for."""
+    return pricing_pb2.BatchGetLowestPriceRequest(
+        user_id=user,
+        items=[
+            pricing_pb2.PriceQuery(
+                item_id="1001",
+                list_price=common_pb2.Money(currency_code="CNY", amount_minor=2500),
+            )
+        ],
     )
+
+
+def price(stub: pricing_pb2_grpc.PricingServiceStub, user: str) -> pricing_pb2.ItemPrice:
+    response = stub.BatchGetLowestPrice(page_request(user), timeout=5)
     assert not response.degraded
     assert len(response.prices) == 1
     item: pricing_pb2.ItemPrice = response.prices[0]
@@ -101,18 +103,7 @@ def settled_price(stub: pricing_pb2_grpc.PricingServiceStub, user: str) -> prici
     answer (its breaker still open, or a first request on a moved slot) is asked again."""
     deadline = time.monotonic() + 5
     while True:
-        response = stub.BatchGetLowestPrice(
-            pricing_pb2.BatchGetLowestPriceRequest(
-                user_id=user,
-                items=[
-                    pricing_pb2.PriceQuery(
-                        item_id="1001",
-                        list_price=common_pb2.Money(currency_code="CNY", amount_minor=2500),
-                    )
-                ],
-            ),
-            timeout=5,
-        )
+        response = stub.BatchGetLowestPrice(page_request(user), timeout=5)
         if not response.degraded:
             item: pricing_pb2.ItemPrice = response.prices[0]
             return item
