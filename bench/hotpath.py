@@ -92,7 +92,7 @@ async def _measure(settings: Any, batch: int, calls: int) -> dict[str, Any]:
         from pricing_service.engine import crowds_to_check  # noqa: PLC0415
 
         now = server.clock.now_ms()
-        rule_lists = [server.core.index.rules_for(i) for i, _ in items]
+        rule_lists = [r or () for r in server.core.index.lookup([i for i, _ in items])]
         wanted = crowds_to_check(rule_lists, now)
         r0 = time.process_time()
         for _ in range(calls):

@@ -150,6 +150,18 @@ class Settings(BaseSettings):
 
     # --- serving path ---------------------------------------------------------------------
     rule_refresh_interval_ms: int = Field(200, ge=10, description="Rule index change-feed poll")
+    rule_index_max_items: int = Field(
+        200_000,
+        ge=1,
+        description="Items (with rules, or known to have none) the rule index holds; beyond it "
+        "the least recently used are dropped and read again from the rule store on the next miss",
+    )
+    rule_fetch_budget_ms: int = Field(
+        100,
+        ge=1,
+        description="Time a page may wait for a rule-index miss to be read from the rule store "
+        "before those items are answered at list price (degraded)",
+    )
     membership_budget_ms: int = Field(
         50, ge=1, description="Time a page's membership lookup may take before degrading"
     )

@@ -42,6 +42,36 @@ class Metrics:
             "pricing_rule_index_age_seconds", "Seconds since the index last synced", registry=r
         )
         self.rule_index_rules = Gauge("pricing_rule_index_rules", "Rules in the index", registry=r)
+        self.rule_index_items = Gauge(
+            "pricing_rule_index_items",
+            "Items the index holds (with rules, or known to have none)",
+            registry=r,
+        )
+        self.rule_index_complete = Gauge(
+            "pricing_rule_index_complete",
+            "1 while the index holds every item with rules (no misses; below "
+            "PRICING_RULE_INDEX_MAX_ITEMS)",
+            registry=r,
+        )
+        lookups = Counter(
+            "pricing_rule_index_lookups",
+            "Items looked up in a bounded rule index, by result (a miss is read from the store)",
+            ["result"],
+            registry=r,
+        )
+        self.rule_index_lookups_hit = lookups.labels("hit")
+        self.rule_index_lookups_miss = lookups.labels("miss")
+        self.rule_index_evictions = Counter(
+            "pricing_rule_index_evictions",
+            "Items dropped from the rule index (least recently used) to stay within its bound",
+            registry=r,
+        )
+        self.rule_fetch_seconds = Histogram(
+            "pricing_rule_fetch_seconds",
+            "Rule store read of a page's rule-index misses",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.redis_rtt = Histogram(
             "pricing_redis_round_trip_seconds",
             "Membership lookup round trip",
@@ -57,6 +87,11 @@ class Metrics:
         )
         self.breaker_state = Gauge(
             "pricing_redis_breaker_open", "1 while the Redis circuit breaker is open", registry=r
+        )
+        self.rule_breaker_state = Gauge(
+            "pricing_rule_store_breaker_open",
+            "1 while the breaker of rule-index miss reads is open",
+            registry=r,
         )
         self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -26,11 +26,13 @@ from pricing_service.engine import (
     member_keys,
     preference,
 )
-from pricing_service.errors import DeadlineExceededError, UnavailableError
+from pricing_service.errors import DeadlineExceededError, PricingError, UnavailableError
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
 
 log = structlog.get_logger("pricing_service.pricing")
+
+_NO_RULES: tuple[Rule, ...] = ()
 
 #: KEYS[1] = watermark key. Returns {seconds, microseconds, watermark or nil}. Declared
 #: ``no-writes`` (Redis 7): CLIENT PAUSE WRITE (a failover in progress) does not hold it back,
@@ -42,12 +44,14 @@ return {t[1], t[2], redis.call('GET', KEYS[1])}
 
 
 class RuleSource(Protocol):
-    """The in-process rule index (hot path: no I/O)."""
+    """The in-process rule index: :meth:`lookup` without I/O; :meth:`fetch` for its misses."""
 
     @property
     def revision(self) -> int: ...
 
-    def rules_for(self, item_id: str) -> Sequence[Rule]: ...
+    def lookup(self, item_ids: Iterable[str]) -> list[tuple[Rule, ...] | None]: ...
+
+    async def fetch(self, item_ids: Sequence[str]) -> dict[str, tuple[Rule, ...]]: ...
 
 
 class StrictRuleSource(Protocol):
@@ -107,6 +111,8 @@ class PricingCore:
         membership_budget_ms: int,
         strict_max_lag_ms: int,
         breaker: CircuitBreaker,
+        rule_fetch_budget_ms: int = 100,
+        rule_breaker: CircuitBreaker | None = None,
         strict_budget_ms: int = 1000,
         primary: aioredis.Redis | None = None,
     ) -> None:
@@ -119,6 +125,9 @@ class PricingCore:
         self.strict_max_lag_ms = strict_max_lag_ms
         self.strict_budget_s = strict_budget_ms / 1000
         self.breaker = breaker
+        self.rule_fetch_budget_s = rule_fetch_budget_ms / 1000
+        self.rule_breaker = rule_breaker or CircuitBreaker(5, 1.0)
+        self._rule_outage_logged = False
         self.primary = primary or membership.redis
         self._rtt = metrics.redis_rtt.labels("batch_lookup")
         self._outage_logged = False
@@ -134,25 +143,74 @@ class PricingCore:
     ) -> BatchResult:
         index = self.index
         revision = index.revision
+        found = index.lookup([q.item_id for q in queries])
+        degraded = False
+        if None in found:
+            start = time.perf_counter()
+            rule_lists, degraded = await self._fetch_misses(queries, found, time_remaining_s)
+            if time_remaining_s is not None:
+                time_remaining_s -= time.perf_counter() - start
+        else:
+            rule_lists = found  # type: ignore[assignment]  # no None in it
         now = self.clock.now_ms()
-        rules_for = index.rules_for
-        rule_lists = [rules_for(q.item_id) for q in queries]
         for i, (q, rules) in enumerate(zip(queries, rule_lists, strict=True)):
             if rules:
                 check_currencies(f"items[{i}]", q.list_price, rules)
         keys: frozenset[tuple[str, CrowdKind]] | None = frozenset()
-        degraded = False
         if user_id:
             crowds = crowds_to_check(rule_lists, now)
             if crowds:
                 members = await self._lookup(user_id, crowds, time_remaining_s)
-                degraded = members is None
-                keys = None if members is None else member_keys(members)
+                if members is None:
+                    degraded = True
+                    keys = None
+                else:
+                    keys = member_keys(members)
         decisions = [
             decide_keyed(q.list_price, rules, keys, now, explain=explain)
             for q, rules in zip(queries, rule_lists, strict=True)
         ]
         return BatchResult(decisions, degraded, revision)
+
+    async def _fetch_misses(
+        self,
+        queries: Sequence[PriceQuery],
+        found: list[tuple[Rule, ...] | None],
+        time_remaining_s: float | None,
+    ) -> tuple[list[tuple[Rule, ...]], bool]:
+        """Read the items a bounded index does not hold, within budget. When the rule store
+        cannot answer in time those items get no rules (list price) and the page is degraded."""
+        missing = [q.item_id for q, rules in zip(queries, found, strict=True) if rules is None]
+        fetched: dict[str, tuple[Rule, ...]] | None = None
+        if not self.rule_breaker.allow():
+            self.metrics.degraded_answers.labels("rule_breaker_open").inc()
+        else:
+            budget = self.rule_fetch_budget_s
+            if time_remaining_s is not None:
+                budget = min(budget, max(time_remaining_s * 0.5 - 0.001, 0.0))
+            try:
+                async with asyncio.timeout(budget):
+                    fetched = await self.index.fetch(missing)
+            except (TimeoutError, PricingError, OSError) as exc:
+                self.rule_breaker.failure()
+                cause = (
+                    "rule_store_timeout" if isinstance(exc, TimeoutError) else "rule_store_error"
+                )
+                self.metrics.degraded_answers.labels(cause).inc()
+                if not self._rule_outage_logged:
+                    self._rule_outage_logged = True
+                    log.warning("rule_fetch_degraded", cause=cause, error=repr(exc))
+            else:
+                self.rule_breaker.success()
+                if self._rule_outage_logged:
+                    self._rule_outage_logged = False
+                    log.info("rule_fetch_recovered")
+        if fetched is None:
+            return [_NO_RULES if rules is None else rules for rules in found], True
+        return [
+            fetched[q.item_id] if rules is None else rules
+            for q, rules in zip(queries, found, strict=True)
+        ], False
 
     async def _lookup(
         self, user_id: str, crowds: list[Crowd], time_remaining_s: float | None

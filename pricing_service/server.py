@@ -115,6 +115,14 @@ class PricingServer:
         breaker = CircuitBreaker(
             s.breaker_failure_threshold, s.breaker_reset_ms / 1000, on_change=breaker_changed
         )
+
+        def rule_breaker_changed(is_open: bool) -> None:
+            self.metrics.rule_breaker_state.set(1 if is_open else 0)
+            log.warning("rule_store_breaker_opened" if is_open else "rule_store_breaker_closed")
+
+        rule_breaker = CircuitBreaker(
+            s.breaker_failure_threshold, s.breaker_reset_ms / 1000, on_change=rule_breaker_changed
+        )
         self.core = core = PricingCore(
             index,
             store,
@@ -125,6 +133,8 @@ class PricingServer:
             strict_max_lag_ms=s.strict_max_lag_ms,
             strict_budget_ms=s.strict_budget_ms,
             breaker=breaker,
+            rule_fetch_budget_ms=s.rule_fetch_budget_ms,
+            rule_breaker=rule_breaker,
         )
         if self._metrics_port:
             httpd, _thread = start_http_server(

@@ -192,7 +192,12 @@ class SqliteRuleStore(SqlRuleStore):
 
         conn = self._pick_reader()
         async with conn.lock:
-            return await asyncio.shield(conn.run(run))
+            try:
+                return await asyncio.shield(conn.run(run))
+            except sqlite3.OperationalError as exc:  # locked past the busy timeout, I/O error
+                raise UnavailableError(
+                    f"rule store (SQLite) unavailable: {exc}", reason="RULE_STORE_UNAVAILABLE"
+                ) from exc
 
     def _migration_lock(self) -> AbstractAsyncContextManager[Tx]:
         return self._tx(self._writer, "BEGIN IMMEDIATE")

@@ -106,7 +106,15 @@ class RuleStore(Protocol):
 
     async def changes_since(self, revision: int, limit: int) -> list[RuleChange]: ...
 
-    async def load_all(self) -> tuple[list[Rule], int]: ...
+    async def rules_for_items(self, item_ids: Sequence[str]) -> tuple[list[Rule], int]:
+        """The rules of every named item and the revision they reflect (one snapshot)."""
+        ...
+
+    async def load_all(self, max_items: int | None = None) -> tuple[list[Rule], int]:
+        """Every rule (or those of the first ``max_items + 1`` items by id) and the revision
+        they reflect, from one snapshot: more than ``max_items`` items back means "there are
+        more"."""
+        ...
 
     async def history(
         self, seller_id: str, item_id: str, page_size: int, page_token: str
@@ -528,11 +536,34 @@ class SqlRuleStore(ABC):
         )
         return [change_from_row(r) for r in rows]
 
-    async def load_all(self) -> tuple[list[Rule], int]:
+    async def rules_for_items(self, item_ids: Sequence[str]) -> tuple[list[Rule], int]:
+        if not item_ids:
+            return [], await self.current_revision()
+        marks = ", ".join("?" * len(item_ids))
         rev, rows = await self._read_all(
             ("SELECT revision FROM rule_meta WHERE id = 1", ()),
-            (f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind", ()),
+            (
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id IN ({marks})"
+                " ORDER BY item_id, crowd_kind",
+                tuple(item_ids),
+            ),
         )
+        return [rule_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
+
+    async def load_all(self, max_items: int | None = None) -> tuple[list[Rule], int]:
+        if max_items is None:
+            query: tuple[str, Sequence[object]] = (
+                f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind",
+                (),
+            )
+        else:
+            query = (
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id IN"
+                " (SELECT DISTINCT item_id FROM rules ORDER BY item_id LIMIT ?)"
+                " ORDER BY item_id, crowd_kind",
+                (max_items + 1,),
+            )
+        rev, rows = await self._read_all(("SELECT revision FROM rule_meta WHERE id = 1", ()), query)
         return [rule_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
 
     async def history(

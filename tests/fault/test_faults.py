@@ -11,6 +11,7 @@ exits 0 on SIGTERM).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -290,11 +291,11 @@ async def test_pricing_server_sigterm_under_load(system: System) -> None:
     print(len(held), "held;", len(racing), "racing;", summary)
 
 
-async def test_postgresql_restart(system: System, private_pg: PostgresServer) -> None:
-    """The rule store goes away and comes back: pages keep their prices (index), strict
-    refuses (it reads the store), admin writes fail UNAVAILABLE, acknowledged ones survive."""
-    system.env["PRICING_RULE_STORE_URL"] = private_pg.url
+async def loaded_on_private_pg(system: System, pg: PostgresServer, **env: str) -> Load:
+    """Server + worker with the rule store on ``pg``, seeded, the load running for a second."""
+    system.env["PRICING_RULE_STORE_URL"] = pg.url
     system.env["PRICING_RULE_STORE_BUSY_TIMEOUT_MS"] = "500"
+    system.env.update(env)
     system.start_server()
     system.start_worker()
     load = system.load(admin_interval_s=0.05)
@@ -303,6 +304,17 @@ async def test_postgresql_restart(system: System, private_pg: PostgresServer) ->
         await load.wait_strict_ready()
         load.start()
         await asyncio.sleep(1.0)
+    except BaseException:
+        await load.close()
+        raise
+    return load
+
+
+async def test_postgresql_restart(system: System, private_pg: PostgresServer) -> None:
+    """The rule store goes away and comes back: pages keep their prices (index), strict
+    refuses (it reads the store), admin writes fail UNAVAILABLE, acknowledged ones survive."""
+    load = await loaded_on_private_pg(system, private_pg)
+    try:
         stopping = now_ms()
         await in_thread(private_pg.stop)
         stopped = now_ms()
@@ -323,6 +335,41 @@ async def test_postgresql_restart(system: System, private_pg: PostgresServer) ->
     pages = load.calls_between("BatchGetLowestPrice", stopping, restarting)
     assert_mostly_fresh(pages, "pages need no rule store, but were degraded")
     assert load.admin_failures and set(load.admin_failures) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert_recovered(load)
+    codes = system.stop_all()
+    assert all(c == 0 for c in codes.values()), f"{codes}\n{system.logs()}"
+    print(summary)
+
+
+async def test_postgresql_hung_under_a_bounded_rule_index(
+    system: System, private_pg: PostgresServer
+) -> None:
+    """The rule index holds 4 items, a page asks for 20: every page reads its misses from
+    the store. The store hangs (SIGSTOP): pages still answer within their deadline (the misses
+    at list price, degraded), strict refuses, and all is fresh again once it is back."""
+    load = await loaded_on_private_pg(system, private_pg, PRICING_RULE_INDEX_MAX_ITEMS="4")
+    try:
+        before = load.calls_between("BatchGetLowestPrice", 0, now_ms())
+        await in_thread(private_pg.pause)
+        paused = now_ms()
+        await asyncio.sleep(2.5)
+        resuming = now_ms()
+        await in_thread(private_pg.resume)
+        await wait_recovered(load, settle_s=2.5)
+        await load.stop()
+        summary = await load.check_final_state()
+        await load.upsert_rule("42", "after-hang", 777)
+    finally:
+        with contextlib.suppress(Exception):
+            private_pg.resume()
+        await load.close()
+    load.assert_no_violations()  # includes: every page answered OK within its deadline
+    assert_mostly_fresh(before, "pages with a healthy store (misses read from it)")
+    pages = load.calls_between("BatchGetLowestPrice", paused + 300, resuming)
+    assert pages and sum(c.degraded for c in pages) > len(pages) // 2, summary
+    # strict calls (1 s deadline) that started and ended inside the hang
+    down = load.calls_between("CheckDiscountStrict", paused + 300, resuming - 1100)
+    assert down and all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in down), summary
     assert_recovered(load)
     codes = system.stop_all()
     assert all(c == 0 for c in codes.values()), f"{codes}\n{system.logs()}"

@@ -347,6 +347,29 @@ async def test_snapshots_are_consistent_with_their_revision(store: SqlRuleStore)
     assert max(r.revision for r in everything) == revision
 
 
+async def test_rules_of_many_items_and_a_bounded_load(store: SqlRuleStore) -> None:
+    """The two reads of a bounded rule index: a page's misses in one query, and a start-up
+    load that stops after ``max_items`` items but says whether there are more."""
+    await store.upsert_many(
+        [rule("i1", ALL), rule("i1", OLD, 1500), rule("i2"), rule("i3", BOUGHT)], "a"
+    )
+    rules, revision = await store.rules_for_items(["i3", "i1", "none", "i3"])
+    assert revision == 4
+    assert sorted((r.item_id, r.kind) for r in rules) == [("i1", ALL), ("i1", OLD), ("i3", BOUGHT)]
+    assert await store.rules_for_items([]) == ([], 4)
+    # an id that looks like SQL is just an id
+    assert (await store.rules_for_items(["i1') OR ('1'='1"]))[0] == []
+
+    for cap, items in ((1, {"i1", "i2"}), (2, {"i1", "i2", "i3"}), (3, {"i1", "i2", "i3"})):
+        some, revision = await store.load_all(max_items=cap)
+        assert revision == 4
+        assert {r.item_id for r in some} == items  # cap + 1 items: "there are more"
+        # whole items only: both of i1's rules, never one of them
+        assert sum(r.item_id == "i1" for r in some) == 2
+    everything, _ = await store.load_all()
+    assert len(everything) == 4
+
+
 async def test_rule_index_follows_the_store(store: SqlRuleStore, store_url: str) -> None:
     settings = settings_for(store_url)
     a, _ = await store.upsert(rule("i1", ALL), "a")

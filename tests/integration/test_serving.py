@@ -353,6 +353,81 @@ async def test_too_many_in_flight_is_resource_exhausted(
         await stop_harness(h)
 
 
+# --- a bounded rule index -------------------------------------------------------------------
+
+
+async def test_a_bounded_index_prices_its_misses_from_the_store(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """PRICING_RULE_INDEX_MAX_ITEMS below the catalogue: the page's misses are read from the
+    store in one query, every price is right, changes reach held and unheld items alike."""
+    h = await start_harness(redis_url, namespace, tmp_path, rule_index_max_items=2)
+    try:
+        amounts = {"i1": 1990, "i2": 1890, "i3": 1790, "i4": 1690}
+        for item, amount in amounts.items():
+            await h.rule(item, ALL, amount)
+        await h.follow("fan")
+        index = h.server.index
+        assert index is not None and not index.complete
+        page = [(i, 2500) for i in amounts] + [("plain", 100)]
+        for _ in range(2):  # twice: held items, evicted ones and the known-empty one
+            r = await h.batch("fan", *page)
+            assert not r.degraded
+            assert [(p.discounted, p.price.amount_minor) for p in r.prices] == [
+                (True, a) for a in amounts.values()
+            ] + [(False, 100)]
+            assert index.items <= 2
+        assert index.misses >= 5
+        r = await h.batch("stranger", *page)
+        assert not any(p.discounted for p in r.prices)
+        # a change to a held item (through the feed) and to an unheld one (its next read)
+        held = next(i for i in amounts if index.lookup([i]) != [None])
+        unheld = next(i for i in amounts if index.lookup([i]) == [None])
+        await h.rule(held, ALL, 1111)
+        await h.rule(unheld, ALL, 1222)
+        r = await h.batch("fan", (held, 2500), (unheld, 2500))
+        assert [p.price.amount_minor for p in r.prices] == [1111, 1222]
+        missed = h.server.metrics.rule_index_lookups_miss._value.get()
+        assert missed == index.misses
+    finally:
+        await stop_harness(h)
+
+
+async def test_rule_store_failing_on_a_miss_degrades_only_the_misses(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Held items keep their discount, missed ones get the list price, the page says degraded;
+    after a few failures the rule-store breaker stops trying for a while."""
+    h = await start_harness(
+        redis_url, namespace, tmp_path, rule_index_max_items=1, breaker_reset_ms=60_000
+    )
+    try:
+        await h.rule("i1", ALL, 1990)
+        await h.rule("i2", ALL, 1890)
+        await h.follow("fan")
+        assert (await h.batch("fan", ("i1", 2500))).prices[0].discounted  # i1 held now
+        assert h.server.core is not None
+        await h.server.core.rules.close()  # type: ignore[attr-defined]  # reads now fail
+        for _ in range(6):
+            t0 = time.monotonic()
+            r = await h.batch("fan", ("i1", 2500), ("i2", 2500), timeout=2)
+            assert time.monotonic() - t0 < 1
+            assert r.degraded
+            assert [(p.discounted, p.price.amount_minor) for p in r.prices] == [
+                (True, 1990),
+                (False, 2500),
+            ]
+        degraded = h.server.metrics.degraded_answers
+        assert degraded.labels("rule_store_error")._value.get() == 5
+        assert degraded.labels("rule_breaker_open")._value.get() == 1
+        assert h.server.metrics.rule_breaker_state._value.get() == 1
+        # a page of held items only needs no store
+        r = await h.batch("fan", ("i1", 2500))
+        assert not r.degraded and r.prices[0].discounted
+    finally:
+        await stop_harness(h)
+
+
 # --- CheckDiscountStrict ------------------------------------------------------------------------
 
 
