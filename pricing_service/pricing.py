@@ -192,10 +192,11 @@ class PricingCore:
                 async with asyncio.timeout(budget):
                     fetched = await self.index.fetch(missing)
             except (TimeoutError, PricingError, OSError) as exc:
-                self.rule_breaker.failure()
-                cause = (
-                    "rule_store_timeout" if isinstance(exc, TimeoutError) else "rule_store_error"
-                )
+                timed_out = isinstance(exc, TimeoutError)
+                if not timed_out or budget >= self.rule_fetch_budget_s:
+                    # a timeout cut short by the caller's own deadline says nothing of the store
+                    self.rule_breaker.failure()
+                cause = "rule_store_timeout" if timed_out else "rule_store_error"
                 self.metrics.degraded_answers.labels(cause).inc()
                 if not self._rule_outage_logged:
                     self._rule_outage_logged = True

@@ -377,6 +377,8 @@ class RuleIndex:
         await self.shutdown()
 
     async def shutdown(self) -> None:
+        for reading in set(self._reading.values()):
+            reading.cancel()  # miss reads still running (no page waits: the server stopped)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
