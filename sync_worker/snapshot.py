@@ -287,11 +287,15 @@ def _id_reason(which: str, problem: str | None) -> str:
 
 @dataclass(slots=True)
 class Batch:
-    """Rows ``[start, end)`` of one part, parsed: the writes as Lua ARGV by buyer."""
+    """Rows ``[start, end)`` of one part, parsed: the writes by buyer."""
 
     part: str
     end: int
     rows: int
+    #: the fast path's writes: fields by buyer, all carrying ``value`` (apply_same_value)
+    fields: dict[str, list[str]]
+    value: str | None
+    #: the other rows' writes: Lua ARGV triples by buyer (apply_args)
     args: dict[str, list[str]]
     #: writes dropped while encoding (outside the layout's time range), counted as stale
     stale: int
@@ -302,17 +306,18 @@ def _batch(
     part: str,
     end: int,
     rows: int,
-    args: dict[str, list[str]],
+    fields: dict[str, list[str]],
     slow_writes: list[MembershipWrite],
     parser: RowParser,
     rejected: collections.Counter[str],
 ) -> Batch:
-    """A batch of the fast path's ``args`` plus the writes of rows that took the slow path."""
+    """A batch of the fast path's ``fields`` plus the writes of rows that took the slow path."""
     enc = parser.encoder
     stale, enc.stale = enc.stale, 0
+    args: dict[str, list[str]] = {}
     if slow_writes:
         stale += group_writes(slow_writes, args)
-    return Batch(part, end, rows, args, stale, rejected)
+    return Batch(part, end, rows, fields, enc.value, args, stale, rejected)
 
 
 def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
@@ -777,9 +782,15 @@ class SnapshotLoader:
         await pipe.execute()
 
     async def _apply(self, batch: Batch) -> ApplyResult:
-        result: ApplyResult = await self._retrying(
-            lambda: self.store.apply_args(batch.args, stale=batch.stale)
-        )
+        result = ApplyResult(stale=batch.stale)
+        if batch.fields:
+            assert batch.value is not None  # the encoder writes nothing without one
+            value = batch.value
+            result.add(
+                await self._retrying(lambda: self.store.apply_same_value(batch.fields, value))
+            )
+        if batch.args:
+            result.add(await self._retrying(lambda: self.store.apply_args(batch.args)))
         return result
 
     async def _retrying(self, op: Callable[[], Any]) -> Any:

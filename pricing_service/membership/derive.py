@@ -108,13 +108,14 @@ _Combos = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ..
 class SnapshotEncoder:
     """Fast path of :func:`snapshot_row` for bulk loads: no :class:`MembershipWrite` is built.
 
-    :meth:`add` appends to ``by_user[user]`` exactly the Lua ARGV triples (field, encoded value,
-    condition) that :meth:`MembershipStore.apply
-    <pricing_service.membership.store.MembershipStore.apply>` sends for
-    ``snapshot_row(user, seller, followed_at_ms, purchase_count, cut_ms, ttls)``: every write of a
-    snapshot has the same version (the cut) and expiry, so the value is encoded once and each
-    seller's fields once. A cut outside the layout's time range writes nothing; its writes are
-    counted in :attr:`stale` (as the store counts them).
+    :meth:`add` appends to ``by_user[user]`` the fields of the writes of
+    ``snapshot_row(user, seller, followed_at_ms, purchase_count, cut_ms, ttls)``, in order: every
+    write of a snapshot has the same version (the cut) and expiry and no condition, so they all
+    carry one encoded :attr:`value`, written with :meth:`MembershipStore.apply_same_value
+    <pricing_service.membership.store.MembershipStore.apply_same_value>` (the same result as
+    :meth:`~pricing_service.membership.store.MembershipStore.apply` of the rows' writes). Each
+    seller's fields are built once. A cut outside the layout's time range writes nothing; its
+    writes are counted in :attr:`stale` (as the store counts them).
     """
 
     __slots__ = ("_combos", "_error", "_value", "cut_ms", "old_before_ms", "stale")
@@ -136,24 +137,27 @@ class SnapshotEncoder:
                 )
             except LayoutError as exc:  # raised where the store would raise it: on a write
                 self._error = exc
-        #: seller -> ARGV of (all), (all, old), (all, purchased), (all, old, purchased)
+        #: seller -> fields of (all), (all, old), (all, purchased), (all, old, purchased)
         self._combos: dict[str, _Combos] = {}
 
+    @property
+    def value(self) -> str | None:
+        """The encoded value of every write (None when the cut is outside the layout)."""
+        return self._value
+
     def _seller(self, seller_id: str) -> _Combos:
-        v = self._value
-        assert v is not None
         s = seller_id
         # MembershipLayout.crowd_field inlined (most sellers of a snapshot are seen once or
         # twice, so this runs for a good share of the rows); the unit tests hold them equal
         if 0 < len(s) <= 15 and s.isascii() and s.isdigit() and s[0] != "0":
             base = int(s) * 4
-            a = (str(base + 1), v, "")
-            o = (str(base + 2), v, "")
-            p = (str(base + 3), v, "")
+            a = (str(base + 1),)
+            o = (str(base + 2),)
+            p = (str(base + 3),)
         else:
-            a = ("a" + s, v, "")
-            o = ("o" + s, v, "")
-            p = ("p" + s, v, "")
+            a = ("a" + s,)
+            o = ("o" + s,)
+            p = ("p" + s,)
         if len(self._combos) >= self.CACHE_SIZE:
             self._combos.clear()
         combos = self._combos[seller_id] = (a, a + o, a + p, a + o + p)

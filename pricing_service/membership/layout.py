@@ -29,7 +29,8 @@ decimal string instead of doing 64-bit arithmetic. Expiries are whole seconds af
 (a requested expiry is rounded *up* to the next second). A value that is not a canonical decimal
 of 8..19 digits fitting an int64 is corrupt: reads treat it as absent, the next write drops it.
 
-Writes (:data:`APPLY_LUA`, one call per buyer, all of a call's writes in order): first every
+Writes (:data:`APPLY_LUA`, or :data:`APPLY_SAME_VALUE_LUA` for a snapshot's writes that share one
+value; one call per buyer, all of a call's writes in order): first every
 expired (``expires <= now``) or corrupt field of the buyer is dropped; a conditional write
 (purchase) applies only while its condition crowd is a live member record; a write applies when
 there is no record or it is greater in the order ``(version, tombstone, expiry)``; an applied
@@ -170,18 +171,10 @@ class MembershipLayout:
         )
 
 
-#: Atomic last-writer-wins upsert of one buyer's records.
-#: KEYS[1] = buyer hash; ARGV[1] = now (ms since EPOCH_MS);
-#: then triples: field, encoded value, condition field ('' = none: else the write applies only
-#: while that field is a live member, e.g. purchased_fans needs a current all_fans).
-#: Expired and undecodable fields are dropped first; a write applies only if it is greater in the
-#: order (version, tombstone, expiry): a newer version wins, on equal versions the tombstone wins,
-#: and on equal version and state the later expiry wins (so the result never depends on arrival
-#: order). A winning record that is already expired is deleted; the key expires at the latest
-#: remaining field expiry. Returns {applied, stale, condition_unmet}.
-APPLY_LUA: Final = (
-    """
-local EPOCH_MS = %EPOCH%
+# The write script in three parts: the head reads the buyer's hash (dropping expired and
+# undecodable fields), a loop applies the call's writes, the tail writes the result back.
+# The two scripts below share head and tail and differ only in how ARGV carries the writes.
+_APPLY_HEAD: Final = """local EPOCH_MS = %EPOCH%
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local raw = redis.call('HGETALL', key)
@@ -219,17 +212,12 @@ for i = 1, #raw, 2 do
 end
 local applied, stale, unmet = 0, 0, 0
 local touched = {}
-for i = 2, #ARGV, 3 do
-  local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local p = record(v)
-  local ver, tomb, exp = p[1], p[2], p[3]
-  local old = cur[f]
-  local cond = nil
-  if c ~= '' then cond = cur[c] end
-  if ver == nil then
+"""
+# One write (record p = {ver, tomb, exp, value} to field f), the rule both scripts share: an
+# undecodable value is stale; a record applies when the field has none or it is greater in the
+# order (version, tombstone, expiry); an applied record already expired removes the field.
+_APPLY_ONE: Final = """  if ver == nil then
     stale = stale + 1
-  elseif c ~= '' and (cond == nil or cond[2] == 1) then
-    unmet = unmet + 1
   elseif old ~= nil and not (ver > old[1] or (ver == old[1] and (tomb > old[2]
       or (tomb == old[2] and exp > old[3])))) then
     stale = stale + 1
@@ -238,8 +226,36 @@ for i = 2, #ARGV, 3 do
     touched[f] = true
     if exp <= now then cur[f] = nil else cur[f] = p end
   end
+"""
+_APPLY_TRIPLES: Final = (
+    """for i = 2, #ARGV, 3 do
+  local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local p = record(v)
+  local ver, tomb, exp = p[1], p[2], p[3]
+  local old = cur[f]
+  local cond = nil
+  if c ~= '' then cond = cur[c] end
+  if ver ~= nil and c ~= '' and (cond == nil or cond[2] == 1) then
+    unmet = unmet + 1
+  else
+"""
+    + _APPLY_ONE
+    + """  end
 end
-local del = {}
+"""
+)
+_APPLY_SAME_VALUE: Final = (
+    """local p = record(ARGV[2])
+local ver, tomb, exp = p[1], p[2], p[3]
+for i = 3, #ARGV do
+  local f = ARGV[i]
+  local old = cur[f]
+"""
+    + _APPLY_ONE
+    + """end
+"""
+)
+_APPLY_TAIL: Final = """local del = {}
 for i = 1, #drop do
   if touched[drop[i]] == nil then del[#del + 1] = drop[i] end
 end
@@ -264,4 +280,22 @@ if maxexp >= 0 then
 end
 return {applied, stale, unmet}
 """
-).replace("%EPOCH%", str(EPOCH_MS))
+
+#: Atomic last-writer-wins upsert of one buyer's records.
+#: KEYS[1] = buyer hash; ARGV[1] = now (ms since EPOCH_MS);
+#: then triples: field, encoded value, condition field ('' = none: else the write applies only
+#: while that field is a live member, e.g. purchased_fans needs a current all_fans).
+#: Expired and undecodable fields are dropped first; a write applies only if it is greater in the
+#: order (version, tombstone, expiry): a newer version wins, on equal versions the tombstone wins,
+#: and on equal version and state the later expiry wins (so the result never depends on arrival
+#: order). A winning record that is already expired is deleted; the key expires at the latest
+#: remaining field expiry. Returns {applied, stale, condition_unmet}.
+APPLY_LUA: Final = (_APPLY_HEAD + _APPLY_TRIPLES + _APPLY_TAIL).replace("%EPOCH%", str(EPOCH_MS))
+
+#: :data:`APPLY_LUA` for writes that all carry one value and no condition (a snapshot's: every
+#: write has the cut as version and the same expiry): ARGV[1] = now, ARGV[2] = the encoded
+#: value, then the fields. Same result as APPLY_LUA with triples (field, value, ''), for a third
+#: of the arguments (Redis parses, and Lua interns, one string per membership instead of three).
+APPLY_SAME_VALUE_LUA: Final = (_APPLY_HEAD + _APPLY_SAME_VALUE + _APPLY_TAIL).replace(
+    "%EPOCH%", str(EPOCH_MS)
+)

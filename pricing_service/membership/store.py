@@ -18,6 +18,7 @@ from pricing_service.domain import Clock, Crowd, CrowdKind
 from pricing_service.membership.derive import MembershipWrite
 from pricing_service.membership.layout import (
     APPLY_LUA,
+    APPLY_SAME_VALUE_LUA,
     EPOCH_MS,
     MAX_VERSION_MS,
     LayoutError,
@@ -105,12 +106,16 @@ class MembershipStore:
         self.anomaly_counts: collections.Counter[str] = collections.Counter()
         self._script = APPLY_LUA
         self._sha: str | None = None
+        self._sha_same: str | None = None  # APPLY_SAME_VALUE_LUA
         self._fields: dict[tuple[str, CrowdKind], bytes] = {}
         self._resp: dict[str, bytes] = {}
 
     # --- writes --------------------------------------------------------------------------
     async def load_script(self) -> str:
+        """Load both write scripts (on every primary of a cluster); return APPLY_LUA's sha."""
         sha = await self.redis.script_load(self._script)
+        same = await self.redis.script_load(APPLY_SAME_VALUE_LUA)
+        self._sha_same = same.decode() if isinstance(same, bytes) else str(same)
         self._sha = sha.decode() if isinstance(sha, bytes) else str(sha)
         return self._sha
 
@@ -136,15 +141,33 @@ class MembershipStore:
         Lua ARGV triples (field, value, condition field or ``''``) of the buyer's writes, in
         order. ``stale`` (writes dropped while encoding) is added to the result's count.
         """
+        return await self._apply_calls(by_user, stale, None)
+
+    async def apply_same_value(
+        self, by_user: Mapping[str, Sequence[str]], value: str, *, stale: int = 0
+    ) -> ApplyResult:
+        """:meth:`apply_args` of unconditional writes that all carry the encoded ``value`` (a
+        snapshot's, :class:`~pricing_service.membership.derive.SnapshotEncoder`):
+        ``by_user[user]`` is just the fields. Same result as triples ``(field, value, '')``
+        through :data:`APPLY_LUA`, with a third of the arguments (:data:`APPLY_SAME_VALUE_LUA`).
+        """
+        return await self._apply_calls(by_user, stale, value)
+
+    async def _apply_calls(
+        self, by_user: Mapping[str, Sequence[str]], stale: int, same_value: str | None
+    ) -> ApplyResult:
         result = ApplyResult(stale=stale)
         if not by_user:
             return result
-        if self._sha is None:
+        if self._sha is None or self._sha_same is None:
             await self.load_script()
         users = list(by_user)
         send = self._send_pipeline if is_cluster(self.redis) else self._send_packed
         for attempt in range(2):
-            replies = await send(users, by_user)
+            if same_value is None:
+                replies = await send(users, by_user, self._sha or "", ())
+            else:
+                replies = await send(users, by_user, self._sha_same or "", (same_value,))
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 # Redis restarted, SCRIPT FLUSH, or (cluster) a replica promoted since the load:
                 # reload on every primary, replay all (the writes are idempotent)
@@ -171,17 +194,21 @@ class MembershipStore:
         return result
 
     async def _send_pipeline(
-        self, users: list[str], by_user: Mapping[str, Sequence[str]]
+        self,
+        users: list[str],
+        by_user: Mapping[str, Sequence[str]],
+        sha: str,
+        lead: tuple[str, ...],
     ) -> list[Any]:
-        """One EVALSHA per buyer through a redis-py pipeline (Redis Cluster: split by node)."""
+        """One EVALSHA per buyer through a redis-py pipeline (Redis Cluster: split by node);
+        ARGV = now, ``lead``, the buyer's arguments."""
         now_off = str(self.clock.now_ms() - EPOCH_MS)
         pipe = self.redis.pipeline(transaction=False)
-        sha = self._sha
         user_key = self.layout.user_key
         for user in users:
             # execute_command, not pipe.evalsha: redis-py's cluster pipeline blocks the
             # evalsha method (not the command), and this is the same command standalone
-            pipe.execute_command("EVALSHA", sha, 1, user_key(user), now_off, *by_user[user])
+            pipe.execute_command("EVALSHA", sha, 1, user_key(user), now_off, *lead, *by_user[user])
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
 
@@ -224,7 +251,11 @@ class MembershipStore:
         return replies
 
     async def _send_packed(
-        self, users: list[str], by_user: Mapping[str, Sequence[str]]
+        self,
+        users: list[str],
+        by_user: Mapping[str, Sequence[str]],
+        sha: str,
+        lead: tuple[str, ...],
     ) -> list[Any]:
         """Standalone Redis: the same EVALSHAs as :meth:`_send_pipeline`, packed here.
 
@@ -235,9 +266,10 @@ class MembershipStore:
         policy does: the writes are idempotent), then raised.
         """
         now_raw = str(self.clock.now_ms() - EPOCH_MS).encode()
-        sha = (self._sha or "").encode()
-        head = b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(sha), sha)
-        now_b = b"$%d\r\n%s\r\n" % (len(now_raw), now_raw)
+        sha_b = sha.encode()
+        head = b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(sha_b), sha_b)
+        now_b = b"$%d\r\n%s\r\n" % (len(now_raw), now_raw) + b"".join(map(self._bulk, lead))
+        fixed = 5 + len(lead)  # EVALSHA sha numkeys key now + lead
         user_key = self.layout.user_key
         bulk = self._bulk
         resp = self._resp
@@ -246,7 +278,7 @@ class MembershipStore:
         for user in users:
             args = by_user[user]
             key = user_key(user).encode()
-            add(b"*%d\r\n%s$%d\r\n%s\r\n%s" % (len(args) + 5, head, len(key), key, now_b))
+            add(b"*%d\r\n%s$%d\r\n%s\r\n%s" % (len(args) + fixed, head, len(key), key, now_b))
             for a in args:
                 add(resp.get(a) or bulk(a))
         payload = b"".join(chunks)

@@ -34,7 +34,7 @@ from pricing_service.domain import Crowd, CrowdKind, ManualClock
 from pricing_service.membership import derive
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import MembershipLayout, Record
-from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.store import ApplyResult, MembershipStore
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +175,10 @@ class MembershipMachine(RuleBasedStateMachine):
         return max(self.t0 + tick * TICK + jitter, self.t0 - 20 * TICK)
 
     def deliver(self, writes: list[MembershipWrite]) -> None:
-        result = self.run(self.store.apply(writes))
+        self.record(writes, self.run(self.store.apply(writes)))
+
+    def record(self, writes: list[MembershipWrite], result: ApplyResult) -> None:
+        """Check an applied batch's counts and apply the same writes to the model."""
         assert not result.failed_users
         assert result.applied + result.stale + result.condition_unmet == len(writes)
         self.model.apply(writes, self.now)
@@ -239,17 +242,29 @@ class MembershipMachine(RuleBasedStateMachine):
         self.snapshots.append((cut, snapshot_rows(self.facts, cut)))
 
     @precondition(lambda self: bool(self.snapshots))
-    @rule(data=st.data(), batch_rows=st.sampled_from([1, 2, 100]))
-    def load_snapshot(self, data: st.DataObject, batch_rows: int) -> None:
-        """A cut snapshot is loaded, possibly late, possibly twice, in batches of rows."""
+    @rule(data=st.data(), batch_rows=st.sampled_from([1, 2, 100]), fast=st.booleans())
+    def load_snapshot(self, data: st.DataObject, batch_rows: int, fast: bool) -> None:
+        """A cut snapshot is loaded, possibly late, possibly twice, in batches of rows: through
+        the general write path, or (``fast``) the loader's: SnapshotEncoder's fields with one
+        value, APPLY_SAME_VALUE_LUA."""
         cut, rows = data.draw(st.sampled_from(self.snapshots), label="snapshot")
         for i in range(0, len(rows), batch_rows):
+            batch = rows[i : i + batch_rows]
             writes = [
                 w
-                for user, seller, since, purchases in rows[i : i + batch_rows]
+                for user, seller, since, purchases in batch
                 for w in derive.snapshot_row(user, seller, since, purchases, cut, TTLS)
             ]
-            self.deliver(writes)
+            if not fast:
+                self.deliver(writes)
+                continue
+            enc = derive.SnapshotEncoder(cut, TTLS)
+            fields: dict[str, list[str]] = {}
+            for row in batch:
+                enc.add(fields, *row)
+            assert enc.value is not None  # cuts are recent
+            result = self.run(self.store.apply_same_value(fields, enc.value))
+            self.record(writes, result)
 
     @rule(ms=st.sampled_from([1, 999, 1000, TICK, 3 * TICK, 6 * TICK, 9 * TICK]))
     def advance(self, ms: int) -> None:

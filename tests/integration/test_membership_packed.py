@@ -85,13 +85,41 @@ async def test_snapshot_args_apply_like_writes_and_a_replay_is_all_stale(
     by_user: dict[str, list[str]] = {}
     for r in rows:
         enc.add(by_user, *r)
-    first = await store.apply_args(by_user)
+    assert enc.value is not None
+    first = await store.apply_same_value(by_user, enc.value)
     expected = sum(len(derive.snapshot_row(*r, cut, TTLS)) for r in rows)
     assert (first.applied, first.stale, first.failed_users) == (expected, 0, {})
+    replay = await store.apply_same_value(by_user, enc.value)  # the same batch again
+    assert (replay.applied, replay.stale) == (0, expected)
+    # an unfollow at exactly the cut: on equal versions the tombstone wins, in either order
+    user, field = USERS[0], by_user[USERS[0]][0]
+    tomb = MembershipLayout.encode(cut, cut + 60_000, tombstone=True)
+    assert (await store.apply_args({user: [field, tomb, ""]})).applied == 1
+    assert (await store.apply_same_value({user: [field]}, enc.value)).stale == 1
+    await aredis.delete(store.layout.user_key(user))
+    assert (await store.apply_same_value(by_user, enc.value)).applied == len(by_user[user])
     ref: dict[str, list[str]] = {}
     group_writes([w for r in rows for w in derive.snapshot_row(*r, cut, TTLS)], ref)
     again = await store.apply_args(ref)  # the reference encoding of the same rows: no change
     assert (again.applied, again.stale) == (0, expected)
+    # the same rows through the general script and through redis-py's pipeline (the cluster
+    # path) end in exactly the same hashes and key expiries
+    general = MembershipStore(aredis, MembershipLayout(namespace + "g:"), clock)
+    await general.apply_args(ref)
+    piped = MembershipStore(aredis, MembershipLayout(namespace + "q:"), clock)
+    piped._send_packed = piped._send_pipeline  # type: ignore[method-assign]
+    await piped.apply_same_value(by_user, enc.value)
+    mine = await state(aredis, store.layout)
+    assert mine == await state(aredis, general.layout) == await state(aredis, piped.layout)
+    assert len(mine) == len(USERS)
+    # a later snapshot replaces every record; an older one changes nothing
+    later = SnapshotEncoder(cut + 5000, TTLS)
+    newer: dict[str, list[str]] = {}
+    for r in rows:
+        later.add(newer, *r)
+    assert later.value is not None and later.value != enc.value
+    assert (await store.apply_same_value(newer, later.value)).applied == expected
+    assert (await store.apply_same_value(by_user, enc.value)).stale == expected
 
 
 async def test_a_dropped_connection_mid_batch_is_retried_once(
