@@ -32,6 +32,7 @@ the Redis work overlap; memory holds at most a few batches whatever the snapshot
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import contextlib
 import csv
@@ -172,11 +173,47 @@ def count_rows(path: Path) -> int:
         if missing:
             raise _bad(path.name, f"missing columns {missing}", "BAD_HEADER")
         return int(pf.metadata.num_rows)
+    fast = _count_plain_csv(path)
+    if fast is not None:
+        return fast
     with path.open(newline="", encoding="utf-8") as f:
         n = 0
         for _ in _csv_rows(f, path):
             n += 1
         return n
+
+
+_NOT_PLAIN = (b'"', b"\r", b"\x00", b"\n\n")
+_CHUNK = 1 << 20
+
+
+def _count_plain_csv(path: Path) -> int | None:
+    """Data rows of a *plain* CSV part (UTF-8, ``\\n`` line ends, no quotes, NULs or blank
+    lines: what exporters write), counting line ends in bytes, ~10 x faster than parsing; for
+    such a file one line is one record, so this equals the parsing count. ``None`` for any other
+    file: the caller parses it (and reports its errors as it always did)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        _csv_rows(f, path)  # the header check (refuses a wrong header)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    last = b"\n"  # as if a line end preceded the file: a leading blank line is not plain
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            if any(bad in chunk for bad in _NOT_PLAIN) or (last == b"\n" and chunk[:1] == b"\n"):
+                return None
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError:
+                return None
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return None
+    if last != b"\n":
+        lines += 1  # a last line without a line end
+    return lines - 1  # the header
 
 
 def _pyarrow_parquet() -> Any:

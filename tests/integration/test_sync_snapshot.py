@@ -7,10 +7,13 @@ import random
 import signal
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pricing_service.config import Settings, load_settings
 from pricing_service.domain import Crowd, CrowdKind, SystemClock
@@ -18,8 +21,9 @@ from pricing_service.errors import FailedPreconditionError, InvalidArgumentError
 from pricing_service.membership.derive import DAY_MS, Ttls, snapshot_row, unfollow
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
+from sync_worker import snapshot as snapshot_module
 from sync_worker.events import EventPublisher, make_event
-from sync_worker.snapshot import SnapshotLoader
+from sync_worker.snapshot import HEADER, SnapshotLoader, _csv_rows, count_rows
 from sync_worker.snapshot_gen import SnapshotRow, realistic_rows, write_snapshot
 from tests.integration.test_sync_model import Model, cli, cli_env, popen, redis_state
 
@@ -470,3 +474,50 @@ async def test_redis_restarted_during_a_load_then_the_load_completes(
         assert redis_state(server.url, "out:", now_ms()) == model_of(rows, cut, s).live(now_ms())
     finally:
         server.close()
+
+
+# --- counting a part's rows ---------------------------------------------------------------
+
+
+def _parsed_count(path: Path) -> int | str:
+    """The reference: every CSV record but blank lines, as a full parse counts them (or the
+    error it raises)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return sum(1 for _ in _csv_rows(f, path))
+    except Exception as exc:  # compared by type
+        return type(exc).__name__
+
+
+_PIECES = st.sampled_from(
+    [b"u1", b"42", b",", b"2025-01-01T00:00:00Z", b"0", b" ", b"\n", b"\n", b"\n", b"\r\n",
+     b"\r", b'"', b'"a\nb"', b"\x00", "é".encode(), b"\xff", b"\xc3", b"\n\n"]
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.lists(_PIECES, max_size=30), chunk=st.sampled_from([3, 7, 1 << 20]))
+def test_counting_rows_equals_parsing_them(
+    body: list[bytes], chunk: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The byte-counting fast path agrees with the CSV parse on any file: counts, or falls
+    back so that the same error is raised. Small chunks put every pattern across a boundary."""
+    path = tmp_path_factory.mktemp("count") / "part.csv"
+    path.write_bytes(HEADER.encode() + b"\n" + b"".join(body))
+    expected = _parsed_count(path)
+    try:
+        with mock.patch.object(snapshot_module, "_CHUNK", chunk):
+            got: int | str = count_rows(path)
+    except Exception as exc:
+        got = type(exc).__name__
+    assert got == expected
+
+
+def test_a_plain_part_is_counted_without_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "part.csv"
+    path.write_text(
+        HEADER + "\n" + "".join(f"u{i},42,2025-01-01T00:00:00Z,{i % 3}\n" for i in range(1000))
+    )
+    assert snapshot_module._count_plain_csv(path) == 1000 == count_rows(path)
+    path.write_text(HEADER + "\n" + 'u1,"42",2025-01-01T00:00:00Z,0\n')
+    assert snapshot_module._count_plain_csv(path) is None and count_rows(path) == 1
