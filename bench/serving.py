@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -363,6 +364,8 @@ def percentile(sorted_values: Sequence[int], q: float) -> float:
     return float(sorted_values[k])
 
 
+#: requests/s of one paced h2load connection: at most one request per 10 ms timer tick
+PACED_CLIENT_RPS = 90
 _FINISHED = re.compile(r"finished in ([\d.]+)s, ([\d.]+) req/s")
 _REQUESTS = re.compile(
     r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
@@ -446,6 +449,90 @@ class Harness:
         return Point(
             server=name,
             mode="closed" if rps_total is None else "open",
+            target_rps=rps_total,
+            rps=rps,
+            requests=total,
+            failed=failed,
+            p50_ms=percentile(durations, 50) / 1000,
+            p90_ms=percentile(durations, 90) / 1000,
+            p99_ms=percentile(durations, 99) / 1000,
+            max_ms=(durations[-1] / 1000) if durations else float("nan"),
+            server_cpu_us_per_req=cpu / done_in_window * 1e6 if done_in_window else None,
+            redis_cpu_us_per_req=(rcpu / done_in_window * 1e6)
+            if self.redis_pid and done_in_window
+            else None,
+            degraded=degraded,
+        )
+
+    def run_paced(
+        self, server: Server, name: str, port: int, body: Path, rps_total: float
+    ) -> Point:
+        """Open loop without h2load's bursts: h2load's ``--rps`` timer fires at most every
+        10 ms and sends what is due at once, and the clients of one h2load start together, so
+        at a few hundred requests/s per client the arrivals come in bursts of ~10 every 10 ms.
+        Here ``K`` h2load processes of one connection each run at <= 90 requests/s (one
+        request per timer tick), started ``1 / rps_total`` s apart: K independent paced
+        callers with spread phases, the same total rate."""
+        k = max(1, math.ceil(rps_total / PACED_CLIENT_RPS))
+        per = rps_total / k
+        self.runs += 1
+        before = self.counters() if self.counters else None
+        logs = [self.workdir / f"h2load-{self.runs}-{i}.tsv" for i in range(k)]
+        procs = []
+        for log in logs:
+            log.unlink(missing_ok=True)
+            args = [
+                "h2load", "-c", "1", "-t", "1", "-m", "64",
+                "-D", f"{self.duration_s:g}", "--warm-up-time", f"{self.warmup_s:g}",
+                "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                "--log-file", str(log), "--rps", f"{per:.3f}",
+                f"http://127.0.0.1:{port}{METHOD}",
+            ]  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    pinned(self.h2load_cpus, args),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            time.sleep(1 / rps_total)
+        time.sleep(self.warmup_s + 0.2)
+        cpu0 = server.cpu_s()
+        rcpu0 = cpu_seconds([self.redis_pid]) if self.redis_pid else 0.0
+        t0 = time.monotonic()
+        outs = [proc.communicate(timeout=self.duration_s + self.warmup_s + 60)[0] for proc in procs]
+        elapsed = min(time.monotonic() - t0, self.duration_s - 0.2)
+        cpu = server.cpu_s() - cpu0
+        rcpu = (cpu_seconds([self.redis_pid]) - rcpu0) if self.redis_pid else 0.0
+        rps = 0.0
+        total = failed = 0
+        durations: list[int] = []
+        for proc, out, log in zip(procs, outs, logs, strict=True):
+            text = out.decode(errors="replace")
+            m_fin, m_req = _FINISHED.search(text), _REQUESTS.search(text)
+            if proc.returncode != 0 or m_fin is None or m_req is None:
+                raise RuntimeError(f"h2load failed ({proc.returncode}):\n{text}")
+            rps += float(m_fin.group(2))
+            total += int(m_req.group(1))
+            failed += int(m_req.group(5)) + int(m_req.group(6)) + int(m_req.group(7))
+            with log.open() as f:
+                for line in f:
+                    parts = line.split("\t")
+                    if len(parts) < 3:
+                        continue
+                    if parts[1] != "200":
+                        failed += 1
+                        continue
+                    durations.append(int(parts[2]))
+            log.unlink(missing_ok=True)
+        durations.sort()
+        done_in_window = rps * elapsed
+        degraded = None
+        if self.counters and before is not None:
+            degraded = int(self.counters()["degraded"] - before["degraded"])
+        return Point(
+            server=name,
+            mode=f"paced{k}",
             target_rps=rps_total,
             rps=rps,
             requests=total,
@@ -586,6 +673,11 @@ def _parser() -> argparse.ArgumentParser:
         help="open-loop rates as fractions of the peak (0.7 is always measured)",
     )
     p.add_argument(
+        "--paced",
+        action="store_true",
+        help="also measure the 70 %% point with paced callers (no h2load rate bursts)",
+    )
+    p.add_argument(
         "--scaling-batch",
         type=int,
         default=100,
@@ -706,6 +798,10 @@ def run(
         before = scrape(metrics_ports)
         log_before = count_log_lines(server_log, "rpc_finished")
         peak, points = harness.curve(server, "server", port, bodies[args.batch], fractions)
+        paced: Point | None = None
+        if args.paced:
+            paced = harness.run_paced(server, "server", port, bodies[args.batch], peak.rps * 0.7)
+            report(paced)
         scaling: Point | None = None
         if args.scaling_batch:
             scaling = harness.run(server, "server", port, bodies[args.scaling_batch], None)
@@ -720,7 +816,12 @@ def run(
     if code != 0:
         raise RuntimeError(f"server exited {code}:\n{server_log.read_text()[-4000:]}")
     rpcs = after["ok"] - before["ok"]
-    all_points = [peak, *points.values(), *([scaling] if scaling else [])]
+    all_points = [
+        peak,
+        *points.values(),
+        *([scaling] if scaling else []),
+        *([paced] if paced else []),
+    ]
     sent = sum(p.requests for p in all_points)
     checks = {
         "not_ok_rpcs": after["not_ok"] - before["not_ok"],
@@ -740,6 +841,7 @@ def run(
         problems.append("not one rpc_finished log line per RPC")
 
     echo_peak: Point | None = None
+    echo_paced: Point | None = None
     echo_points: dict[float, Point] = {}
     if not args.no_echo:
         resp_file = workdir / "response.bin"
@@ -761,6 +863,11 @@ def run(
             echo_peak, echo_points = harness.curve(
                 echo, "echo", echo_port, bodies[args.batch], fractions
             )
+            if args.paced:
+                echo_paced = harness.run_paced(
+                    echo, "echo", echo_port, bodies[args.batch], echo_peak.rps * 0.7
+                )
+                report(echo_paced)
         finally:
             echo.stop()
 
@@ -782,6 +889,10 @@ def run(
         "p50_ms_at_70pct": at70.p50_ms,
         "p99_ms_at_70pct": at70.p99_ms,
         "rps_at_70pct": round(at70.rps, 1),
+        # --paced: the same 70 % point from spread, individually paced callers (run_paced)
+        "p99_ms_at_70pct_paced": paced.p99_ms if paced else None,
+        "p50_ms_at_70pct_paced": paced.p50_ms if paced else None,
+        "echo_p99_ms_at_70pct_paced": echo_paced.p99_ms if echo_paced else None,
         "server_cpu_us_per_req": _r(peak.server_cpu_us_per_req),
         "redis_cpu_us_per_req": _r(peak.redis_cpu_us_per_req),
         "echo_rps": round(echo_peak.rps, 1) if echo_peak else None,
