@@ -183,6 +183,8 @@ def count_rows(path: Path) -> int:
         return n
 
 
+#: Write batches a loader keeps in Redis at once (see SnapshotLoader.load).
+WRITE_WINDOW = 2
 _NOT_PLAIN = (b'"', b"\r", b"\x00", b"\n\n")
 _CHUNK = 1 << 20
 
@@ -755,47 +757,69 @@ class SnapshotLoader:
         reader = threading.Thread(target=produce, name="snapshot-reader", daemon=True)
         reader.start()
         loop = asyncio.get_running_loop()
+        # up to WRITE_WINDOW batches in Redis at once: Redis works on one while this process
+        # packs the next (one at a time left one of them idle); results are taken, and parts
+        # checkpointed, strictly in order, so a checkpoint never runs ahead of a write
+        inflight: collections.deque[tuple[Batch, asyncio.Task[ApplyResult]]] = collections.deque()
+
+        async def settle() -> bool:
+            """Account for the oldest batch in flight; False once the load must stop."""
+            nonlocal done_rows
+            item, task = inflight.popleft()
+            result = await task
+            pp = progress[item.part]
+            pp.offset = item.end
+            pp.written += result.applied
+            pp.stale += result.stale
+            pp.rejected.update(item.rejected)
+            await self._retrying(
+                functools.partial(self._checkpoint, ckey, item.part, pp, expire_at_ms)
+            )
+            report.rows_read += item.rows
+            report.memberships_written += result.applied
+            report.skipped_stale += result.stale
+            report.rejected.update(item.rejected)
+            report.failed_users += len(result.failed_users)
+            if result.failed_users:
+                log.error(
+                    "snapshot_users_not_written",
+                    count=len(result.failed_users),
+                    sample=dict(list(result.failed_users.items())[:3]),
+                )
+            done_rows += item.rows
+            if bar is not None:
+                bar.update(done_rows)
+            rejected_now = rejected_before + sum(report.rejected.values())
+            if rejected_now > budget:
+                report.status = "error_rate_exceeded"
+                report.message = (
+                    f"{rejected_now} malformed rows of {report.rows_total} exceed "
+                    f"PRICING_SNAPSHOT_MAX_ERROR_RATE={self.settings.snapshot_max_error_rate}"
+                    f" ({dict(report.rejected)}); load stopped"
+                )
+                return False
+            return True
+
         try:
-            while True:
+            going = True
+            while going:
                 item = await loop.run_in_executor(None, q.get)
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, Batch)
-                result = await self._apply(item)
-                pp = progress[item.part]
-                pp.offset = item.end
-                pp.written += result.applied
-                pp.stale += result.stale
-                pp.rejected.update(item.rejected)
-                await self._retrying(
-                    functools.partial(self._checkpoint, ckey, item.part, pp, expire_at_ms)
-                )
-                report.rows_read += item.rows
-                report.memberships_written += result.applied
-                report.skipped_stale += result.stale
-                report.rejected.update(item.rejected)
-                report.failed_users += len(result.failed_users)
-                if result.failed_users:
-                    log.error(
-                        "snapshot_users_not_written",
-                        count=len(result.failed_users),
-                        sample=dict(list(result.failed_users.items())[:3]),
-                    )
-                done_rows += item.rows
-                if bar is not None:
-                    bar.update(done_rows)
-                rejected_now = rejected_before + sum(report.rejected.values())
-                if rejected_now > budget:
-                    report.status = "error_rate_exceeded"
-                    report.message = (
-                        f"{rejected_now} malformed rows of {report.rows_total} exceed "
-                        f"PRICING_SNAPSHOT_MAX_ERROR_RATE={self.settings.snapshot_max_error_rate}"
-                        f" ({dict(report.rejected)}); load stopped"
-                    )
-                    break
+                inflight.append((item, asyncio.create_task(self._apply(item))))
+                if len(inflight) >= WRITE_WINDOW:
+                    going = await settle()
+            while going and inflight:
+                going = await settle()
         finally:
+            for _, task in inflight:  # stopped or failed: writes still running are abandoned
+                task.cancel()
+            for _, task in inflight:
+                with contextlib.suppress(BaseException):
+                    await task
             stop.set()
             with contextlib.suppress(queue.Empty):
                 while True:
