@@ -75,14 +75,24 @@ def minute_stats(calls: list[Call]) -> dict[str, Any]:
     return out
 
 
-async def soak(minutes: float, tmp: Path, seed: int) -> dict[str, Any]:
+async def soak(
+    minutes: float, tmp: Path, seed: int, rule_index_max_items: int | None = None
+) -> dict[str, Any]:
     redis = RedisServer(extra_args=["--appendonly", "yes", "--appendfsync", "everysec"]).start()
     ns = "soak:"
     env = service_env(
         redis_url=redis.url,
         namespace=ns,
         tmp=tmp,
-        extra={"PRICING_LOG_LEVEL": "WARNING", "PRICING_MEMBERSHIP_BUDGET_MS": "200"},
+        extra={
+            "PRICING_LOG_LEVEL": "WARNING",
+            "PRICING_MEMBERSHIP_BUDGET_MS": "200",
+            **(
+                {"PRICING_RULE_INDEX_MAX_ITEMS": str(rule_index_max_items)}
+                if rule_index_max_items
+                else {}
+            ),
+        },
     )
     server = pricing_service(env, tmp / "server.log")
     worker = None
@@ -186,10 +196,17 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument(
+        "--rule-index-max-items",
+        type=int,
+        default=None,
+        help="PRICING_RULE_INDEX_MAX_ITEMS of the server: small values keep the bounded index "
+        "missing and evicting on every page",
+    )
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     try:
-        result = asyncio.run(soak(args.minutes, tmp, args.seed))
+        result = asyncio.run(soak(args.minutes, tmp, args.seed, args.rule_index_max_items))
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
