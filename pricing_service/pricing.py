@@ -188,6 +188,7 @@ class PricingCore:
             budget = self.rule_fetch_budget_s
             if time_remaining_s is not None:
                 budget = min(budget, max(time_remaining_s * 0.5 - 0.001, 0.0))
+            started = self.rule_breaker.now()
             try:
                 async with asyncio.timeout(budget):
                     fetched = await self.index.fetch(missing)
@@ -195,7 +196,7 @@ class PricingCore:
                 timed_out = isinstance(exc, TimeoutError)
                 if not timed_out or budget >= self.rule_fetch_budget_s:
                     # a timeout cut short by the caller's own deadline says nothing of the store
-                    self.rule_breaker.failure()
+                    self.rule_breaker.failure(started)
                 cause = "rule_store_timeout" if timed_out else "rule_store_error"
                 self.metrics.degraded_answers.labels(cause).inc()
                 if not self._rule_outage_logged:
@@ -224,12 +225,13 @@ class PricingCore:
         if time_remaining_s is not None:
             # keep a little of the caller's deadline to build and send the answer
             budget = min(budget, max(time_remaining_s * 0.8 - 0.001, 0.0))
+        started = self.breaker.now()
         start = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
                 members = await self.membership.member_crowds(user_id, crowds)
         except (TimeoutError, RedisError, OSError) as exc:
-            self.breaker.failure()
+            self.breaker.failure(started)
             cause = "timeout" if isinstance(exc, TimeoutError) else "redis_error"
             self.metrics.degraded_answers.labels(cause).inc()
             if not self._outage_logged:

@@ -313,6 +313,32 @@ async def test_hung_redis_degrades_within_the_callers_deadline(
         server.resume()
 
 
+async def test_a_brief_stall_degrades_only_the_calls_in_it(
+    private_redis: RedisServer, namespace: str, tmp_path: Path
+) -> None:
+    """Redis stalls for ~0.2 s while 12 pages wait on it: those pages degrade, but it is one
+    incident for the breaker (not 12 failures), so the next page is fresh at once instead of a
+    whole reset interval of list prices."""
+    h = await start_harness(private_redis.url, namespace, tmp_path, breaker_reset_ms=60_000)
+    try:
+        await h.rule("i1", ALL, 1990)
+        await h.follow("fan")
+        assert (await h.batch("fan", ("i1", 2500))).prices[0].discounted
+        private_redis.pause()
+        try:
+            stalled = await asyncio.gather(
+                *(h.batch("fan", ("i1", 2500), timeout=2) for _ in range(12))
+            )
+        finally:
+            private_redis.resume()
+        assert all(r.degraded for r in stalled)
+        assert h.server.metrics.breaker_state._value.get() == 0
+        r = await h.batch("fan", ("i1", 2500))
+        assert not r.degraded and r.prices[0].discounted
+    finally:
+        await stop_harness(h)
+
+
 async def test_remaining_deadline_bounds_the_redis_call(
     private_redis: RedisServer, namespace: str, tmp_path: Path
 ) -> None:
