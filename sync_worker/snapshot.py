@@ -424,6 +424,9 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
 
     pq = _pyarrow_parquet()
     name = path.name
+    latest = parser.cut_ms + CLOCK_SKEW_MS
+    max_len = parser.max_id_length
+    add_row = parser.encoder.add
     pf = pq.ParquetFile(path)
     pos = 0
     for rb in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
@@ -444,20 +447,37 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
             followed = [str(v) if v is not None else None for v in fcol.to_pylist()]
         counts = rb.column("purchase_count").to_pylist()
         before = parser.rejected.copy()
-        writes: list[MembershipWrite] = []
+        fields: dict[str, list[str]] = {}
+        writes: list[MembershipWrite] = []  # rows of the slow path
         for i in range(rb.num_rows):
-            c = counts[i]
+            u, sl, f, c = users[i], sellers[i], followed[i], counts[i]
+            # the fast path (typed columns, valid values): exactly what RowParser.row accepts
+            # for these types, straight to the encoder
+            if (
+                type(u) is str
+                and type(sl) is str
+                and type(f) is int
+                and type(c) is int
+                and 0 < len(u) <= max_len
+                and 0 < len(sl) <= max_len
+                and c >= 0
+                and f <= latest
+                and u.isprintable()
+                and sl.isprintable()
+            ):
+                add_row(fields, u, sl, f, c)
+                continue
             parser.row(
-                str(users[i]) if users[i] is not None else "",
-                str(sellers[i]) if sellers[i] is not None else "",
-                followed[i],
+                str(u) if u is not None else "",
+                str(sl) if sl is not None else "",
+                f,
                 c if isinstance(c, int) or c is None else str(c),
                 name,
                 pos + i + 1,
                 writes,
             )
         pos += rb.num_rows
-        yield _batch(name, pos, rb.num_rows, {}, writes, parser, parser.rejected - before)
+        yield _batch(name, pos, rb.num_rows, fields, writes, parser, parser.rejected - before)
 
 
 def part_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:

@@ -521,3 +521,50 @@ def test_a_plain_part_is_counted_without_parsing(tmp_path: Path) -> None:
     assert snapshot_module._count_plain_csv(path) == 1000 == count_rows(path)
     path.write_text(HEADER + "\n" + 'u1,"42",2025-01-01T00:00:00Z,0\n')
     assert snapshot_module._count_plain_csv(path) is None and count_rows(path) == 1
+
+
+def test_malformed_parquet_rows_are_skipped_and_counted(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Parquet rows take the fast path only when typed and valid; every other row is judged
+    by the full rules, exactly as in CSV."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    now = now_ms()
+    cut = now - 3_600_000
+    good = [(f"u{i}", "42", cut - 40 * DAY_MS, i % 3) for i in range(300)]
+    bad = [
+        (None, "42", cut - DAY_MS, 1),  # MISSING_USER_ID
+        ("u9", "", cut - DAY_MS, 1),  # MISSING_SELLER_ID
+        ("u9", "42", None, 1),  # BAD_FOLLOWED_AT
+        ("u9", "42", cut + 3_600_000, 1),  # FOLLOWED_AFTER_CUT
+        ("u9", "42", cut - DAY_MS, -2),  # NEGATIVE_PURCHASE_COUNT
+        ("u9", "42", cut - DAY_MS, None),  # BAD_PURCHASE_COUNT
+    ]
+    rows = good[:150] + bad + good[150:]
+    table = pa.table(
+        {
+            "user_id": pa.array([r[0] for r in rows], pa.string()),
+            "seller_id": pa.array([r[1] for r in rows], pa.string()),
+            "followed_at": pa.array([r[2] for r in rows], pa.timestamp("ms", tz="UTC")),
+            "purchase_count": pa.array([r[3] for r in rows], pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "p0.parquet")
+    fresh = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cut / 1000))
+    _write_manifest(tmp_path, snapshot_time=fresh, files=["p0.parquet"], rows=len(rows))
+    env = cli_env(redis_url, namespace, PRICING_SNAPSHOT_MAX_ERROR_RATE="0.05")
+    res = cli("load-snapshot", str(tmp_path), env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert report["rows_read"] == len(rows)
+    assert report["rejected"] == {
+        "MISSING_USER_ID": 1,
+        "MISSING_SELLER_ID": 1,
+        "BAD_FOLLOWED_AT": 1,
+        "FOLLOWED_AFTER_CUT": 1,
+        "NEGATIVE_PURCHASE_COUNT": 1,
+        "BAD_PURCHASE_COUNT": 1,
+    }
+    # all_fans + old_fans (followed 40 days before the cut) + purchased_fans (i % 3 != 0)
+    assert report["memberships_written"] == 300 + 300 + 200
