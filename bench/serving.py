@@ -388,18 +388,16 @@ class Harness:
     #: the server's counters (``scrape``), when it has any: degraded answers per point
     counters: Callable[[], dict[str, float]] | None = None
 
-    def run(
-        self, server: Server, name: str, port: int, body: Path, rps_total: float | None
-    ) -> Point:
-        self.runs += 1
-        before = self.counters() if self.counters else None
-        log = self.workdir / f"h2load-{self.runs}.tsv"
+    def _h2load(
+        self, body: Path, port: int, log: Path, clients: int, streams: int, rps: float | None
+    ) -> list[str]:
+        """One h2load command line (``rps`` per connection, None = closed loop)."""
         log.unlink(missing_ok=True)  # h2load appends
         args = [
             "h2load",
-            "-c", str(self.clients),
+            "-c", str(clients),
             "-t", "1",
-            "-m", str(self.streams if rps_total is None else max(self.streams, 64)),
+            "-m", str(streams),
             "-D", f"{self.duration_s:g}",
             "--warm-up-time", f"{self.warmup_s:g}",
             "-d", str(body),
@@ -407,107 +405,41 @@ class Harness:
             "-H", "te: trailers",
             "--log-file", str(log),
         ]  # fmt: skip
-        if rps_total is not None:
-            args += ["--rps", f"{rps_total / self.clients:.3f}"]
+        if rps is not None:
+            args += ["--rps", f"{rps:.3f}"]
         args.append(f"http://127.0.0.1:{port}{METHOD}")
-        proc = subprocess.Popen(
-            pinned(self.h2load_cpus, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        return pinned(self.h2load_cpus, args)
+
+    def _measure(
+        self,
+        server: Server,
+        name: str,
+        mode: str,
+        rps_total: float | None,
+        commands: Sequence[tuple[list[str], Path]],
+        stagger_s: float = 0.0,
+    ) -> Point:
+        """Run the h2load ``commands`` (``stagger_s`` apart) against ``server``; one Point from
+        all their outputs and per-request logs, with the server's CPU over the measured window."""
+        before = self.counters() if self.counters else None
+        procs = []
+        for args, _ in commands:
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            if stagger_s:
+                time.sleep(stagger_s)
         time.sleep(self.warmup_s + 0.2)  # connect + warm-up: not part of the CPU accounting
         cpu0 = server.cpu_s()
         rcpu0 = cpu_seconds([self.redis_pid]) if self.redis_pid else 0.0
         t0 = time.monotonic()
-        out, _ = proc.communicate(timeout=self.duration_s + self.warmup_s + 60)
-        # the measured window ends at duration; the tail of communicate() is idle time
-        elapsed = min(time.monotonic() - t0, self.duration_s - 0.2)
-        cpu = server.cpu_s() - cpu0
-        rcpu = (cpu_seconds([self.redis_pid]) - rcpu0) if self.redis_pid else 0.0
-        text = out.decode(errors="replace")
-        m_fin, m_req = _FINISHED.search(text), _REQUESTS.search(text)
-        if proc.returncode != 0 or m_fin is None or m_req is None:
-            raise RuntimeError(f"h2load failed ({proc.returncode}):\n{text}")
-        durations: list[int] = []
-        non_200 = 0
-        with log.open() as f:
-            for line in f:
-                parts = line.split("\t")
-                if len(parts) < 3:
-                    continue
-                if parts[1] != "200":
-                    non_200 += 1
-                    continue
-                durations.append(int(parts[2]))
-        log.unlink(missing_ok=True)
-        durations.sort()
-        total = int(m_req.group(1))
-        failed = int(m_req.group(5)) + int(m_req.group(6)) + int(m_req.group(7)) + non_200
-        rps = float(m_fin.group(2))
-        done_in_window = rps * elapsed
-        degraded = None
-        if self.counters and before is not None:
-            degraded = int(self.counters()["degraded"] - before["degraded"])
-        return Point(
-            server=name,
-            mode="closed" if rps_total is None else "open",
-            target_rps=rps_total,
-            rps=rps,
-            requests=total,
-            failed=failed,
-            p50_ms=percentile(durations, 50) / 1000,
-            p90_ms=percentile(durations, 90) / 1000,
-            p99_ms=percentile(durations, 99) / 1000,
-            max_ms=(durations[-1] / 1000) if durations else float("nan"),
-            server_cpu_us_per_req=cpu / done_in_window * 1e6 if done_in_window else None,
-            redis_cpu_us_per_req=(rcpu / done_in_window * 1e6)
-            if self.redis_pid and done_in_window
-            else None,
-            degraded=degraded,
-        )
-
-    def run_paced(
-        self, server: Server, name: str, port: int, body: Path, rps_total: float
-    ) -> Point:
-        """Open loop without h2load's bursts: h2load's ``--rps`` timer fires at most every
-        10 ms and sends what is due at once, and the clients of one h2load start together, so
-        at a few hundred requests/s per client the arrivals come in bursts of ~10 every 10 ms.
-        Here ``K`` h2load processes of one connection each run at <= 90 requests/s (one
-        request per timer tick), started ``1 / rps_total`` s apart: K independent paced
-        callers with spread phases, the same total rate."""
-        k = max(1, math.ceil(rps_total / PACED_CLIENT_RPS))
-        per = rps_total / k
-        self.runs += 1
-        before = self.counters() if self.counters else None
-        logs = [self.workdir / f"h2load-{self.runs}-{i}.tsv" for i in range(k)]
-        procs = []
-        for log in logs:
-            log.unlink(missing_ok=True)
-            args = [
-                "h2load", "-c", "1", "-t", "1", "-m", "64",
-                "-D", f"{self.duration_s:g}", "--warm-up-time", f"{self.warmup_s:g}",
-                "-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers",
-                "--log-file", str(log), "--rps", f"{per:.3f}",
-                f"http://127.0.0.1:{port}{METHOD}",
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    pinned(self.h2load_cpus, args),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            time.sleep(1 / rps_total)
-        time.sleep(self.warmup_s + 0.2)
-        cpu0 = server.cpu_s()
-        rcpu0 = cpu_seconds([self.redis_pid]) if self.redis_pid else 0.0
-        t0 = time.monotonic()
         outs = [proc.communicate(timeout=self.duration_s + self.warmup_s + 60)[0] for proc in procs]
+        # the measured window ends at duration; the tail of communicate() is idle time
         elapsed = min(time.monotonic() - t0, self.duration_s - 0.2)
         cpu = server.cpu_s() - cpu0
         rcpu = (cpu_seconds([self.redis_pid]) - rcpu0) if self.redis_pid else 0.0
         rps = 0.0
         total = failed = 0
         durations: list[int] = []
-        for proc, out, log in zip(procs, outs, logs, strict=True):
+        for proc, out, (_, log) in zip(procs, outs, commands, strict=True):
             text = out.decode(errors="replace")
             m_fin, m_req = _FINISHED.search(text), _REQUESTS.search(text)
             if proc.returncode != 0 or m_fin is None or m_req is None:
@@ -532,7 +464,7 @@ class Harness:
             degraded = int(self.counters()["degraded"] - before["degraded"])
         return Point(
             server=name,
-            mode=f"paced{k}",
+            mode=mode,
             target_rps=rps_total,
             rps=rps,
             requests=total,
@@ -546,6 +478,37 @@ class Harness:
             if self.redis_pid and done_in_window
             else None,
             degraded=degraded,
+        )
+
+    def run(
+        self, server: Server, name: str, port: int, body: Path, rps_total: float | None
+    ) -> Point:
+        """One load point from one h2load: closed loop (``rps_total`` None) or its rate mode."""
+        self.runs += 1
+        log = self.workdir / f"h2load-{self.runs}.tsv"
+        streams = self.streams if rps_total is None else max(self.streams, 64)
+        per = None if rps_total is None else rps_total / self.clients
+        args = self._h2load(body, port, log, self.clients, streams, per)
+        mode = "closed" if rps_total is None else "open"
+        return self._measure(server, name, mode, rps_total, [(args, log)])
+
+    def run_paced(
+        self, server: Server, name: str, port: int, body: Path, rps_total: float
+    ) -> Point:
+        """Open loop without h2load's bursts: h2load's ``--rps`` timer fires at most every
+        10 ms and sends what is due at once, and the clients of one h2load start together, so
+        at a few hundred requests/s per client the arrivals come in bursts of ~10 every 10 ms.
+        Here ``K`` h2load processes of one connection each run at <= 90 requests/s (one
+        request per timer tick), started ``1 / rps_total`` s apart: K independent paced
+        callers with spread phases, the same total rate."""
+        k = max(1, math.ceil(rps_total / PACED_CLIENT_RPS))
+        self.runs += 1
+        commands = []
+        for i in range(k):
+            log = self.workdir / f"h2load-{self.runs}-{i}.tsv"
+            commands.append((self._h2load(body, port, log, 1, 64, rps_total / k), log))
+        return self._measure(
+            server, name, f"paced{k}", rps_total, commands, stagger_s=1 / rps_total
         )
 
     def curve(
