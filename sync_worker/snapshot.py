@@ -183,8 +183,6 @@ def count_rows(path: Path) -> int:
         return n
 
 
-#: Write batches a loader keeps in Redis at once (see SnapshotLoader.load).
-WRITE_WINDOW = 2
 _NOT_PLAIN = (b'"', b"\r", b"\x00", b"\n\n")
 _CHUNK = 1 << 20
 
@@ -621,6 +619,10 @@ class Progress:
 
 # --- loader -------------------------------------------------------------------------------------------
 _END: Final = object()
+
+
+#: Write batches a loader keeps in Redis at once (see SnapshotLoader.load).
+WRITE_WINDOW = 2
 
 
 class SnapshotLoader:
