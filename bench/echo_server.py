@@ -7,16 +7,27 @@ model as ``pricing-service serve``: ``--workers`` processes forked before any gR
 exists, sharing one port through ``SO_REUSEPORT``, with the same server options.
 
     python -m bench.echo_server --listen 127.0.0.1:50099 --workers 2 --response resp.bin
+
+With ``--floor-redis URL --floor-key KEY --floor-fields F,F,...`` it is the *floor* instead: the
+same pre-built answer, after only what the design makes every real answer pay besides gRPC —
+one ``HMGET`` of the page's crowd fields through the serving path's pipelined Redis reader,
+under a budget, and the canonical JSON ``rpc_finished`` line per RPC through the server's own
+structlog configuration (request id, method, code, duration). No interceptor, no rule index, no
+pricing. ``bench.serving --floor`` measures it beside the echo: the rate a server doing nothing
+but those two things reaches bounds what ``ratio_to_echo`` any pricing code can reach.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pricing_service.workers import fork_workers  # no gRPC in it: safe before fork
 
@@ -43,7 +54,16 @@ def synthetic_response(batch: int) -> pricing_pb2.BatchGetLowestPriceResponse:
     return response
 
 
-async def _serve(listen: str, response_bytes: bytes | None, batch: int) -> int:
+@dataclass(frozen=True)
+class Floor:
+    """What the floor server reads per request (see the module docstring)."""
+
+    redis_url: str
+    key: str
+    fields: tuple[str, ...]
+
+
+async def _serve(listen: str, response_bytes: bytes | None, batch: int, floor: Floor | None) -> int:
     import grpc  # noqa: PLC0415
 
     from pricing.v1 import pricing_pb2, pricing_pb2_grpc  # noqa: PLC0415
@@ -52,6 +72,9 @@ async def _serve(listen: str, response_bytes: bytes | None, batch: int) -> int:
         prebuilt = pricing_pb2.BatchGetLowestPriceResponse.FromString(response_bytes)
     else:
         prebuilt = synthetic_response(batch)
+    answer: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None = None
+    if floor is not None:
+        answer = await _floor_work(floor)
 
     class EchoServicer(pricing_pb2_grpc.PricingServiceServicer):
         async def BatchGetLowestPrice(
@@ -59,6 +82,8 @@ async def _serve(listen: str, response_bytes: bytes | None, batch: int) -> int:
             request: pricing_pb2.BatchGetLowestPriceRequest,
             context: grpc.aio.ServicerContext,
         ) -> pricing_pb2.BatchGetLowestPriceResponse:
+            if answer is not None:
+                await answer(context)
             return prebuilt
 
         async def CheckDiscountStrict(
@@ -90,11 +115,48 @@ async def _serve(listen: str, response_bytes: bytes | None, batch: int) -> int:
     return 0
 
 
-def serve(listen: str, workers: int, response_bytes: bytes | None, batch: int) -> int:
+async def _floor_work(floor: Floor) -> Callable[[Any], Awaitable[None]]:
+    """The floor's per-request work: one budgeted HMGET and the canonical log line."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+    import structlog  # noqa: PLC0415
+
+    from pricing_service.logging import configure_logging  # noqa: PLC0415
+    from pricing_service.redis_pipe import PipelinedReader  # noqa: PLC0415
+
+    configure_logging("INFO", "json")
+    log = structlog.get_logger("pricing_service.rpc")
+    client = aioredis.Redis.from_url(
+        floor.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+    reader = PipelinedReader.from_client(client)
+    key, fields = floor.key, floor.fields
+
+    async def work(context: Any) -> None:
+        start = time.perf_counter()
+        async with asyncio.timeout(0.05):
+            values = await reader.hmget(key, fields)
+        if all(v is None for v in values):
+            raise RuntimeError("the floor's buyer has no membership in Redis")
+        log.info(
+            "rpc_finished",
+            method="/pricing.v1.PricingService/BatchGetLowestPrice",
+            code="OK",
+            duration_ms=round((time.perf_counter() - start) * 1000, 3),
+            request_id=os.urandom(16).hex(),
+        )
+
+    return work
+
+
+def serve(
+    listen: str, workers: int, response_bytes: bytes | None, batch: int, floor: Floor | None = None
+) -> int:
     """Run ``workers`` processes on ``listen`` (forked before gRPC starts, like the server)."""
     if workers <= 1:
-        return asyncio.run(_serve(listen, response_bytes, batch))
-    return fork_workers(workers, lambda _i: asyncio.run(_serve(listen, response_bytes, batch)))
+        return asyncio.run(_serve(listen, response_bytes, batch, floor))
+    return fork_workers(
+        workers, lambda _i: asyncio.run(_serve(listen, response_bytes, batch, floor))
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,12 +165,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--response", default=None, help="file holding a serialized response")
     p.add_argument("--batch", type=int, default=20, help="items of the synthetic response")
+    p.add_argument("--floor-redis", default=None, help="Redis URL: serve as the floor")
+    p.add_argument("--floor-key", default="", help="the floor's buyer hash")
+    p.add_argument("--floor-fields", default="", help="the floor's HMGET fields, comma-separated")
     args = p.parse_args(argv)
+    floor = None
+    if args.floor_redis:
+        fields = tuple(f for f in args.floor_fields.split(",") if f)
+        if not args.floor_key or not fields:
+            p.error("--floor-redis needs --floor-key and --floor-fields")
+        floor = Floor(args.floor_redis, args.floor_key, fields)
     response_bytes = None
     if args.response:
         with open(args.response, "rb") as f:
             response_bytes = f.read()
-    sys.exit(serve(args.listen, args.workers, response_bytes, args.batch))
+    sys.exit(serve(args.listen, args.workers, response_bytes, args.batch, floor))
 
 
 if __name__ == "__main__":

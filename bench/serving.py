@@ -196,6 +196,27 @@ async def expected_answer(
     return out
 
 
+async def page_fields(settings: Any, items: list[tuple[str, int]]) -> tuple[str, list[str]]:
+    """The buyer's hash and the fields the server's one HMGET reads for this page (the floor's
+    read: the same crowds, each with its seller's all_fans field, deduplicated)."""
+    from pricing_service.domain import Crowd, CrowdKind, SystemClock  # noqa: PLC0415
+    from pricing_service.engine import crowds_to_check  # noqa: PLC0415
+    from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
+    from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
+
+    store = await open_rule_store(settings)
+    try:
+        rule_lists = [(await store.rules_for_item(item))[0] for item, _ in items]
+    finally:
+        await store.close()
+    layout = MembershipLayout(settings.redis_namespace)
+    fields: dict[str, None] = {}
+    for c in crowds_to_check(rule_lists, SystemClock().now_ms()):
+        fields[layout.crowd_field(c)] = None
+        fields[layout.crowd_field(Crowd(c.seller_id, CrowdKind.ALL_FANS))] = None
+    return layout.user_key(BUYER), list(fields)
+
+
 def request_bytes(items: list[tuple[str, int]]) -> bytes:
     from pricing.v1 import common_pb2, pricing_pb2  # noqa: PLC0415
 
@@ -655,6 +676,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pin", choices=["auto", "off"], default="auto")
     p.add_argument("--no-echo", action="store_true", help="skip the echo baseline")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure the floor: the echo plus the page's HMGET and the canonical log line",
+    )
     p.add_argument("--plot", default="docs/benchmarks/serving.png", help="PNG path ('' = none)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     return p
@@ -806,21 +832,33 @@ def run(
     echo_peak: Point | None = None
     echo_paced: Point | None = None
     echo_points: dict[float, Point] = {}
-    if not args.no_echo:
-        resp_file = workdir / "response.bin"
-        resp_file.write_bytes(responses[args.batch])
+    resp_file = workdir / "response.bin"
+    resp_file.write_bytes(responses[args.batch])
+
+    def start_echo(name: str, extra: list[str]) -> tuple[Server, int]:
+        """``bench.echo_server`` (the echo, or with ``extra`` the floor) answering the page."""
         echo_port = free_port()
-        print("echo baseline (same harness, same response bytes)", flush=True)
         echo = Server(
             pinned(server_cpus, [sys.executable, "-m", "bench.echo_server",
                                  "--listen", f"127.0.0.1:{echo_port}",
-                                 "--workers", str(args.workers), "--response", str(resp_file)]),
+                                 "--workers", str(args.workers), "--response", str(resp_file),
+                                 *extra]),
             env,
-            workdir / "echo.log",
+            workdir / f"{name}.log",
         )  # fmt: skip
         try:
-            if call_once(f"127.0.0.1:{echo_port}", requests[args.batch]) != responses[args.batch]:
-                problems.append("echo answer differs from the server's")
+            answer = call_once(f"127.0.0.1:{echo_port}", requests[args.batch])
+        except BaseException:
+            echo.stop()
+            raise
+        if answer != responses[args.batch]:
+            problems.append(f"{name} answer differs from the server's")
+        return echo, echo_port
+
+    if not args.no_echo:
+        print("echo baseline (same harness, same response bytes)", flush=True)
+        echo, echo_port = start_echo("echo", [])
+        try:
             harness.redis_pid = None
             harness.counters = None
             echo_peak, echo_points = harness.curve(
@@ -833,6 +871,21 @@ def run(
                 report(echo_paced)
         finally:
             echo.stop()
+
+    floor_peak: Point | None = None
+    if args.floor:
+        key, fields = asyncio.run(page_fields(settings, page(cat, args.batch)))
+        print(f"floor (echo + one HMGET of {len(fields)} fields + the log line)", flush=True)
+        floor, floor_port = start_echo(
+            "floor",
+            ["--floor-redis", redis.url, "--floor-key", key, "--floor-fields", ",".join(fields)],
+        )
+        try:
+            harness.redis_pid = redis.proc.pid if redis.proc else None
+            floor_peak = harness.run(floor, "floor", floor_port, bodies[args.batch], None)
+            report(floor_peak)
+        finally:
+            floor.stop()
 
     at70 = points[0.7]
     echo70 = echo_points.get(0.7)
@@ -865,6 +918,11 @@ def run(
         # the same ratio from CPU time per request: far less sensitive to other load on the host
         "cpu_ratio_to_echo": round(echo_peak.server_cpu_us_per_req / peak.server_cpu_us_per_req, 3)
         if echo_peak and echo_peak.server_cpu_us_per_req and peak.server_cpu_us_per_req
+        else None,
+        "floor_rps": round(floor_peak.rps, 1) if floor_peak else None,
+        "floor_cpu_us_per_req": _r(floor_peak.server_cpu_us_per_req) if floor_peak else None,
+        "floor_ratio_to_echo": round(floor_peak.rps / echo_peak.rps, 3)
+        if floor_peak and echo_peak
         else None,
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
