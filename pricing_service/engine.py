@@ -58,16 +58,21 @@ def preference(rule: Rule) -> tuple[int, int, str]:
 
 def crowds_to_check(rule_lists: Iterable[Sequence[Rule]], now_ms: int) -> list[Crowd]:
     """The distinct crowds of every active rule: what one membership lookup must answer."""
-    # deduplicated on (seller, kind) tuples, hashed in C: a Crowd is built once per crowd
-    seen: dict[tuple[str, CrowdKind], Crowd] = {}
+    return [Crowd(seller, kind) for seller, kind in crowd_keys_to_check(rule_lists, now_ms)]
+
+
+def crowd_keys_to_check(
+    rule_lists: Iterable[Sequence[Rule]], now_ms: int
+) -> list[tuple[str, CrowdKind]]:
+    """:func:`crowds_to_check` as ``(seller_id, kind)`` tuples (hashed in C, no ``Crowd``
+    built): the form :meth:`MembershipStore.member_keys` reads and :func:`decide_keyed` tests."""
+    seen: dict[tuple[str, CrowdKind], None] = {}
     for rules in rule_lists:
         for r in rules:
             start, end = r.start_ms, r.end_ms
             if (start is None or start <= now_ms) and (end is None or now_ms < end):
-                key = (r.seller_id, r.kind)
-                if key not in seen:
-                    seen[key] = Crowd(r.seller_id, r.kind)
-    return list(seen.values())
+                seen[(r.seller_id, r.kind)] = None
+    return list(seen)
 
 
 def member_keys(members: Iterable[Crowd]) -> frozenset[tuple[str, CrowdKind]]:

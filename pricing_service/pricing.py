@@ -21,9 +21,8 @@ from pricing_service.domain import Clock, Crowd, CrowdKind, Money, Rule
 from pricing_service.engine import (
     Decision,
     check_currencies,
-    crowds_to_check,
+    crowd_keys_to_check,
     decide_keyed,
-    member_keys,
     preference,
 )
 from pricing_service.errors import DeadlineExceededError, PricingError, UnavailableError
@@ -158,14 +157,11 @@ class PricingCore:
                 check_currencies(f"items[{i}]", q.list_price, rules)
         keys: frozenset[tuple[str, CrowdKind]] | None = frozenset()
         if user_id:
-            crowds = crowds_to_check(rule_lists, now)
+            crowds = crowd_keys_to_check(rule_lists, now)
             if crowds:
-                members = await self._lookup(user_id, crowds, time_remaining_s)
-                if members is None:
+                keys = await self._lookup(user_id, crowds, time_remaining_s)
+                if keys is None:
                     degraded = True
-                    keys = None
-                else:
-                    keys = member_keys(members)
         decisions = [
             decide_keyed(q.list_price, rules, keys, now, explain=explain)
             for q, rules in zip(queries, rule_lists, strict=True)
@@ -215,8 +211,8 @@ class PricingCore:
         ], False
 
     async def _lookup(
-        self, user_id: str, crowds: list[Crowd], time_remaining_s: float | None
-    ) -> frozenset[Crowd] | None:
+        self, user_id: str, crowds: list[tuple[str, CrowdKind]], time_remaining_s: float | None
+    ) -> frozenset[tuple[str, CrowdKind]] | None:
         """One membership round trip within budget; ``None`` means degrade to list prices."""
         if not self.breaker.allow():
             self.metrics.degraded_answers.labels("breaker_open").inc()
@@ -228,8 +224,7 @@ class PricingCore:
         started = self.breaker.now()
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(budget):
-                members = await self.membership.member_crowds(user_id, crowds)
+            members = await self.membership.member_keys(user_id, crowds, timeout_s=budget)
         except (TimeoutError, RedisError, OSError) as exc:
             self.breaker.failure(started)
             cause = "timeout" if isinstance(exc, TimeoutError) else "redis_error"

@@ -12,8 +12,10 @@ What callers can rely on, the same as with redis-py:
 
 * failures are ``redis.exceptions.ConnectionError`` / ``TimeoutError`` (both ``RedisError``),
   error replies ``ResponseError``, so the breaker and degrade logic is unchanged;
-* the caller's ``asyncio.timeout`` bounds each call; a reply that arrives after its caller
-  gave up is read and dropped, so later replies still match their commands;
+* each call is bounded by its ``timeout`` (``TimeoutError`` past it; one timer per reader
+  serves every waiting call, instead of a timer and a context manager per call) or by the
+  caller's own ``asyncio.timeout``/cancellation; a reply that arrives after its caller gave up
+  is read and dropped, so later replies still match their commands;
 * a connection whose oldest reply is overdue by more than ``socket_timeout`` is taken for hung
   (a stopped Redis, a half-open TCP connection): it is closed, every waiting call fails with
   ``ConnectionError`` and the next call reconnects;
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
+import itertools
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +135,10 @@ class PipelinedReader:
         self._proto: _Protocol | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        # calls with a timeout: (deadline on the loop's clock, sequence, future), a heap
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def from_client(cls, client: aioredis.Redis) -> PipelinedReader:
@@ -163,12 +171,15 @@ class PipelinedReader:
     def pending(self) -> int:
         return len(self._proto.pending) if self._proto is not None else 0
 
-    async def hmget(self, key: bytes | str, fields: Sequence[bytes | str]) -> list[bytes | None]:
-        reply: list[bytes | None] = await self.execute(b"HMGET", key, *fields)
+    async def hmget(
+        self, key: bytes | str, fields: Sequence[bytes | str], *, timeout: float | None = None
+    ) -> list[bytes | None]:
+        reply: list[bytes | None] = await self.execute(b"HMGET", key, *fields, timeout=timeout)
         return reply
 
-    async def execute(self, *args: bytes | str) -> Any:
-        """Send one command, wait for its reply (bounded by the caller's timeout)."""
+    async def execute(self, *args: bytes | str, timeout: float | None = None) -> Any:
+        """Send one command, wait for its reply: at most ``timeout`` seconds (then
+        ``TimeoutError``, as from ``asyncio.timeout``), and no longer than the caller waits."""
         proto = self._proto
         if proto is None or proto.closed:
             proto = await self._connect()
@@ -186,11 +197,33 @@ class PipelinedReader:
                 raise RedisConnectionError(
                     f"{len(pending)} Redis commands already waiting for replies"
                 )
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
         pending.append((fut, now))
         assert proto.transport is not None
         proto.transport.write(encode_command(args))
+        if timeout is not None:
+            deadline = loop.time() + timeout
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), fut))
+            timer = self._timer
+            if timer is None or deadline < timer.when():
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._expire)
         return await fut
+
+    def _expire(self) -> None:
+        """Fail the calls whose timeout has passed; re-arm for the next one still waiting."""
+        self._timer = None
+        heap = self._deadlines
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while heap and (heap[0][2].done() or heap[0][0] <= now):
+            _, _, fut = heapq.heappop(heap)
+            if not fut.done():  # its reply, when it comes, is dropped (the future is done)
+                fut.set_exception(TimeoutError("Redis did not answer within the call's timeout"))
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._expire)
 
     async def _connect(self) -> _Protocol:
         if self._closed:
@@ -243,6 +276,9 @@ class PipelinedReader:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         proto = self._proto
         if proto is not None:
             proto.fail(RedisConnectionError("the reader is closed"))

@@ -32,8 +32,14 @@ from pricing_service.redis_pipe import PipelinedReader
 #: and a snapshot's one value repeat; a stream event's value is unique, so a large memo only
 #: holds dead entries: at 100,000 the 30-minute soak saw the worker's RSS climb ~10 MB.
 RESP_CACHE_SIZE = 16_384
-#: Crowd fields memoised by :meth:`MembershipStore.member_crowds` (cleared when full).
+#: Crowd fields memoised by :meth:`MembershipStore.member_keys` (cleared when full).
 FIELD_CACHE_SIZE = 65_536
+#: Decoded values memoised by :meth:`MembershipStore.member_keys` (cleared when full). Every
+#: membership a snapshot wrote carries the same value (its cut and TTL), so the few values of
+#: the latest snapshots cover most fields read; an event's value is unique and only churns it.
+VALUE_CACHE_SIZE = 4_096
+#: A memoised value that is not a membership (a tombstone): expired at every time.
+_NOT_MEMBER = -1
 
 
 class AnomalySink(Protocol):
@@ -108,6 +114,7 @@ class MembershipStore:
         self._sha: str | None = None
         self._sha_same: str | None = None  # APPLY_SAME_VALUE_LUA
         self._fields: dict[tuple[str, CrowdKind], bytes] = {}
+        self._expiries: dict[bytes, int] = {}
         self._resp: dict[str, bytes] = {}
 
     # --- writes --------------------------------------------------------------------------
@@ -318,18 +325,26 @@ class MembershipStore:
         return await self._hmget(user_id, [field_of(c) for c in crowds], redis)
 
     async def _hmget(
-        self, user_id: str, fields: Sequence[str | bytes], redis: aioredis.Redis | None
+        self,
+        user_id: str,
+        fields: Sequence[str | bytes],
+        redis: aioredis.Redis | None,
+        timeout_s: float | None = None,
     ) -> list[bytes | None]:
-        """The ``HMGET`` of :meth:`raw_records`, by field, with its anomaly accounting."""
+        """The ``HMGET`` of :meth:`raw_records`, by field, with its anomaly accounting;
+        ``TimeoutError`` past ``timeout_s``."""
         reader = self.reader
         values: list[bytes | None]
         try:
             if redis is None and reader is not None:
-                values = await reader.hmget(self.layout.user_key(user_id), fields)
-            else:
-                values = await (redis or self.redis).hmget(  # type: ignore[assignment]
-                    self.layout.user_key(user_id), fields
+                values = await reader.hmget(
+                    self.layout.user_key(user_id), fields, timeout=timeout_s
                 )
+            else:
+                async with asyncio.timeout(timeout_s):
+                    values = await (redis or self.redis).hmget(  # type: ignore[assignment]
+                        self.layout.user_key(user_id), fields
+                    )
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 self._anomaly("wrong_type")
@@ -373,6 +388,7 @@ class MembershipStore:
         *,
         now_ms: int | None = None,
         redis: aioredis.Redis | None = None,
+        timeout_s: float | None = None,
     ) -> frozenset[Crowd]:
         """Which of ``crowds`` the buyer is a member of now: one ``HMGET``, one round trip.
 
@@ -383,38 +399,64 @@ class MembershipStore:
         type all read as "not a member", never as an exception (counted as anomalies
         ``no_record``, ``corrupt_value``, ``wrong_type``). Redis being unreachable is *not*
         swallowed: ``redis.exceptions.ConnectionError``/``TimeoutError`` reach the caller, which
-        alone knows whether to degrade (search) or refuse (checkout).
+        alone knows whether to degrade (search) or refuse (checkout); so does ``TimeoutError``
+        past ``timeout_s``.
         """
+        keys = await self.member_keys(
+            user_id,
+            [(c.seller_id, c.kind) for c in crowds],
+            now_ms=now_ms,
+            redis=redis,
+            timeout_s=timeout_s,
+        )
+        return frozenset([c for c in crowds if (c.seller_id, c.kind) in keys])
+
+    async def member_keys(
+        self,
+        user_id: str,
+        crowds: Sequence[tuple[str, CrowdKind]],
+        *,
+        now_ms: int | None = None,
+        redis: aioredis.Redis | None = None,
+        timeout_s: float | None = None,
+    ) -> frozenset[tuple[str, CrowdKind]]:
+        """:meth:`member_crowds` with crowds as ``(seller_id, kind)`` tuples, the form the
+        page path builds and tests (hashed in C; no :class:`Crowd` per crowd)."""
         if not crowds:
             return frozenset()
         now = self.clock.now_ms() if now_ms is None else now_ms
-        # Hot path (every page): fields are memoised bytes and deduplicated as such; no Crowd is
-        # built or hashed per field.
+        # Hot path (every page): fields are memoised bytes and deduplicated as such.
         field_of = self._field
         all_fans = CrowdKind.ALL_FANS
-        asked: list[tuple[Crowd, bytes, bytes]] = []
+        asked: list[tuple[tuple[str, CrowdKind], bytes, bytes]] = []
         wanted: dict[bytes, None] = {}
-        for c in crowds:
-            f = field_of(c.seller_id, c.kind)
-            base = field_of(c.seller_id, all_fans)
-            asked.append((c, f, base))
+        for key in crowds:
+            seller = key[0]
+            f = field_of(seller, key[1])
+            base = field_of(seller, all_fans)
+            asked.append((key, f, base))
             wanted[f] = None
             wanted[base] = None
         fields = list(wanted)
-        values = await self._hmget(user_id, fields, redis)
+        values = await self._hmget(user_id, fields, redis, timeout_s)
         live: set[bytes] = set()
-        decode = self.layout.decode
+        expiries = self._expiries
         for f, raw in zip(fields, values, strict=True):
             if raw is None:
                 continue
-            try:
-                rec = decode(raw)
-            except LayoutError:
-                self._anomaly("corrupt_value")
-                continue
-            if rec.is_member(now):
+            expires = expiries.get(raw)
+            if expires is None:
+                try:
+                    rec = self.layout.decode(raw)
+                except LayoutError:
+                    self._anomaly("corrupt_value")
+                    continue
+                if len(expiries) >= VALUE_CACHE_SIZE:
+                    expiries.clear()
+                expires = expiries[raw] = _NOT_MEMBER if rec.tombstone else rec.expires_ms
+            if expires > now:  # Record.is_member
                 live.add(f)
-        return frozenset([c for c, f, base in asked if f in live and base in live])
+        return frozenset([key for key, f, base in asked if f in live and base in live])
 
     async def all_records(self, user_id: str) -> dict[Crowd, Record]:
         """Every decodable record of a buyer (diagnostics and tests; not on the hot path)."""

@@ -163,6 +163,9 @@ async def test_expiry_boundary_is_exclusive_to_the_millisecond(
     assert (await store.records("u", [c]))[c] == Record(False, t, t + 2_000)
     assert await store.member_crowds("u", [c], now_ms=t + 1_999) == {c}
     assert await store.member_crowds("u", [c], now_ms=t + 2_000) == frozenset()
+    # the same stored value, decoded once and memoised, still expires by the time of the read
+    assert await store.member_keys("u", [("7", ALL)], now_ms=t + 1_999) == {("7", ALL)}
+    assert await store.member_keys("u", [("7", ALL)], now_ms=t + 2_000) == frozenset()
     clock.advance(1_999)
     other = Crowd("8", ALL)
     await store.apply([w("u", other, t)])  # a write at t+1999 keeps the live record
@@ -288,6 +291,9 @@ async def test_corrupt_value_reads_not_a_member_is_counted_and_dropped_on_next_w
     assert await store.member_crowds("u", [c, other]) == {other}
     assert store.anomaly_counts["corrupt_value"] == 1
     assert anomaly(metrics, "corrupt_value") == 1
+    # decoded values are memoised, corrupt ones are not: every read of it is counted
+    assert await store.member_keys("u", [("7", ALL), ("8", ALL)]) == {("8", ALL)}
+    assert anomaly(metrics, "corrupt_value") == 2
     assert (await store.records("u", [c]))[c] is None
     # the script agrees it is corrupt: dropped by the next write to the buyer, which then applies
     # even with an old version (a corrupt value protects nothing)

@@ -90,6 +90,44 @@ async def test_a_late_reply_is_dropped_and_later_replies_still_match(
         await reader.aclose()
 
 
+async def test_a_calls_timeout_fails_it_at_its_own_deadline(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    """``timeout=`` is the serving path's budget: each waiting call fails with TimeoutError at
+    its own deadline (an earlier deadline behind a later one is not held up by it), its reply
+    is dropped when it comes, and a call answered in time is not failed afterwards."""
+    await client.hset("k", mapping={"f": "v"})
+    reader = PipelinedReader.from_client(client)
+    try:
+        assert await reader.hmget("k", [b"f"], timeout=1.0) == [b"v"]
+        # the answered call's deadline passes without failing anything
+        await asyncio.sleep(0)
+        await client.client_pause(400, all=True)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def timed_out_after(timeout: float) -> float:
+            with pytest.raises(TimeoutError):
+                await reader.hmget("k", [b"f"], timeout=timeout)
+            return loop.time() - t0
+
+        long = asyncio.create_task(timed_out_after(0.25))
+        await asyncio.sleep(0)
+        short = await timed_out_after(0.05)
+        assert 0.05 <= short < 0.2  # not held up by the later deadline queued before it
+        assert 0.25 <= await long < 0.39  # and the later one kept its own
+        assert reader.pending == 2  # replies still owed; dropped when they come
+        # after the pause: a fresh call gets its own reply, not one of the abandoned ones
+        assert await reader.hmget("k", [b"f"], timeout=1.0) == [b"v"]
+        assert reader.pending == 0
+        # an answered call's deadline entry is discarded lazily, when the timer next fires
+        await asyncio.sleep(1.05)
+        assert reader._deadlines == []  # nothing kept, no timer left armed
+        assert reader._timer is None
+    finally:
+        await reader.aclose()
+
+
 async def test_killed_redis_fails_fast_then_reconnects(
     private_redis: RedisServer, client: aioredis.Redis
 ) -> None:
