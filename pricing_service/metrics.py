@@ -2,9 +2,90 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class LatencyHistogram(Collector):
+    """A labelled latency histogram for the per-request path, optionally exported also as a
+    request counter (``<counter>_total``: the histogram's count, so the two always agree).
+
+    Same exposition as ``prometheus_client.Histogram`` (cumulative ``le`` buckets, ``+Inf``,
+    ``_count``, ``_sum``; no ``_created`` series), at a fraction of its cost per observation:
+    one ``bisect`` and two additions on plain Python numbers, instead of a linear bucket scan
+    and a lock per updated value (three per observation). Observations come from the event
+    loop's thread only; a scrape from the metrics server's thread copies the numbers, so it
+    may see an observation in the buckets a moment before it is in the sum (never a count
+    that disagrees with the buckets: the count is their total).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        *,
+        counter: tuple[str, str] | None = None,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"{name}: buckets must be strictly increasing")
+        self.counter = counter
+        # per label values: [count in each bucket (the last is +Inf only)..., sum]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        registry.register(self)
+
+    def child(self, *labelvalues: str) -> list[float]:
+        """The numbers of one label combination (created on first use)."""
+        if len(labelvalues) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}")
+        series = self._series.get(labelvalues)
+        if series is None:
+            series = self._series[labelvalues] = [0.0] * (len(self.bounds) + 2)
+        return series
+
+    def observe(self, series: list[float], seconds: float) -> None:
+        """Record one observation into a :meth:`child`'s numbers."""
+        series[bisect.bisect_left(self.bounds, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        hist = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        counter = (
+            CounterMetricFamily(self.counter[0], self.counter[1], labels=self.labelnames)
+            if self.counter
+            else None
+        )
+        for labelvalues, series in list(self._series.items()):
+            numbers = list(series)  # one copy: buckets and count from the same instant
+            buckets: list[tuple[str, float]] = []
+            total = 0.0
+            for bound, n in zip(self.bounds, numbers, strict=False):
+                total += n
+                buckets.append((_le(bound), total))
+            total += numbers[len(self.bounds)]
+            buckets.append(("+Inf", total))
+            hist.add_metric(list(labelvalues), buckets, numbers[-1])
+            if counter is not None:
+                counter.add_metric(list(labelvalues), total)
+        yield hist
+        if counter is not None:
+            yield counter
+
+
+def _le(bound: float) -> str:
+    """An ``le`` label value as prometheus_client writes it (``0.005``, ``1.0``)."""
+    return repr(float(bound))
 
 
 class Metrics:
@@ -13,14 +94,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.rpc_requests = Counter(
-            "pricing_rpc_requests", "RPCs handled", ["method", "code"], registry=r
-        )
-        self.rpc_latency = Histogram(
+        self.rpc_latency = LatencyHistogram(
             "pricing_rpc_latency_seconds",
             "RPC latency",
             ["method", "code"],
-            buckets=_LATENCY_BUCKETS,
+            _LATENCY_BUCKETS,
+            counter=("pricing_rpc_requests", "RPCs handled"),
             registry=r,
         )
         self.degraded_answers = Counter(
@@ -72,11 +151,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.redis_rtt = Histogram(
+        self.redis_rtt = LatencyHistogram(
             "pricing_redis_round_trip_seconds",
             "Membership lookup round trip",
             ["op"],
-            buckets=_LATENCY_BUCKETS,
+            _LATENCY_BUCKETS,
             registry=r,
         )
         self.membership_anomalies = Counter(
@@ -93,19 +172,15 @@ class Metrics:
             "1 while the breaker of rule-index miss reads is open",
             registry=r,
         )
-        self._rpc_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._rpc_series: dict[tuple[str, str], list[float]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        """One RPC: ``pricing_rpc_requests_total`` and ``pricing_rpc_latency_seconds``."""
         key = (method, code)
-        children = self._rpc_children.get(key)
-        if children is None:
-            children = (
-                self.rpc_requests.labels(method, code),
-                self.rpc_latency.labels(method, code),
-            )
-            self._rpc_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        series = self._rpc_series.get(key)
+        if series is None:
+            series = self._rpc_series[key] = self.rpc_latency.child(method, code)
+        self.rpc_latency.observe(series, seconds)
 
     def membership_anomaly(self, reason: str) -> None:
         self.membership_anomalies.labels(reason).inc()

@@ -128,7 +128,7 @@ class PricingCore:
         self.rule_breaker = rule_breaker or CircuitBreaker(5, 1.0)
         self._rule_outage_logged = False
         self.primary = primary or membership.redis
-        self._rtt = metrics.redis_rtt.labels("batch_lookup")
+        self._rtt = metrics.redis_rtt.child("batch_lookup")
         self._outage_logged = False
 
     # --- BatchGetLowestPrice ------------------------------------------------------------------
@@ -233,7 +233,7 @@ class PricingCore:
                 self._outage_logged = True
                 log.warning("membership_degraded", cause=cause, error=repr(exc))
             return None
-        self._rtt.observe(time.perf_counter() - start)
+        self.metrics.redis_rtt.observe(self._rtt, time.perf_counter() - start)
         self.breaker.success()
         if self._outage_logged:
             self._outage_logged = False
