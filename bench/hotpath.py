@@ -6,7 +6,8 @@ It loads the same data as ``bench.serving`` into a private ``redis-server`` and 
 the real server (:class:`PricingServer`: rule index, membership store, breaker, metrics) and
 calls the interceptor-wrapped servicer method directly with the real request message, N times,
 sequentially: interceptor (request id, admission, canonical log line, metrics), proto ->
-domain, rule index, one real ``HMGET`` round trip to Redis, the engine, domain -> proto.
+domain, rule index, one real ``HMGET`` round trip to Redis, the engine, domain -> proto, and
+the response's serialisation by the method's serialiser.
 
     python -m bench.hotpath --batch 20 --calls 5000
 
@@ -57,7 +58,7 @@ class _Context:
 
 async def _measure(settings: Any, batch: int, calls: int) -> dict[str, Any]:
     from pricing.v1 import pricing_pb2  # noqa: PLC0415
-    from pricing_service.interceptors import ServerInterceptor  # noqa: PLC0415
+    from pricing_service.interceptors import ServerInterceptor, passing_bytes  # noqa: PLC0415
     from pricing_service.server import PricingServer  # noqa: PLC0415
     from pricing_service.servicers.pricing import PricingServicer  # noqa: PLC0415
 
@@ -70,11 +71,18 @@ async def _measure(settings: Any, batch: int, calls: int) -> dict[str, Any]:
             server.core, max_batch_items=settings.max_batch_items, max_id_length=128
         )
         interceptor = ServerInterceptor(server.metrics, max_concurrent_rpcs=1000)
-        call = interceptor._wrap(
+        wrapped = interceptor._wrap(
             "/pricing.v1.PricingService/BatchGetLowestPrice", servicer.BatchGetLowestPrice
         )
+        # the response serialised as the server's handler does (a message, or bytes passed on)
+        serialize = passing_bytes(pricing_pb2.BatchGetLowestPriceResponse.SerializeToString)
+        assert serialize is not None
+
+        async def call(request: Any, ctx: Any) -> bytes:
+            return serialize(await wrapped(request, ctx))
+
         ctx = _Context()
-        response = await call(request, ctx)
+        response = pricing_pb2.BatchGetLowestPriceResponse.FromString(await call(request, ctx))
         got = [(p.item_id, p.price.amount_minor, p.rule_id) for p in response.prices]
         if got != expected or response.degraded:
             raise AssertionError(f"wrong answer: {got} != {expected}")

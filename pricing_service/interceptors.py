@@ -7,6 +7,8 @@
   ``google.rpc.Status`` carrying ``ErrorInfo`` (reason, domain, metadata) and, for field errors,
   ``BadRequest``. Anything else becomes INTERNAL with a generic message and a logged traceback.
   Servicers never call ``abort`` themselves.
+* Responses a servicer already serialised (``bytes``: the page path's memoised answers) are
+  passed through the method's serialiser unchanged; messages are serialised as usual.
 * One canonical log line per RPC (``rpc_finished``: method, code, duration_ms, request_id) and
   the request count / latency metrics.
 """
@@ -103,7 +105,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            response_serializer=passing_bytes(handler.response_serializer),
         )
         self._cache[method] = wrapped
         return wrapped
@@ -194,6 +196,20 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return _UNDECODABLE
 
     return parse
+
+
+def passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The method's serialiser, passing through a response a servicer already serialised."""
+    if serialize is None:
+        return None
+
+    def dump(response: Any) -> bytes:
+        if response.__class__ is bytes:
+            data: bytes = response
+            return data
+        return serialize(response)
+
+    return dump
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:

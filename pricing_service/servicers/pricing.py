@@ -12,9 +12,11 @@ from pricing_service.engine import Decision
 from pricing_service.errors import InvalidArgumentError
 from pricing_service.pricing import PriceQuery, PricingCore
 from pricing_service.servicers.convert import (
+    batch_response_bytes,
     money_from_proto,
     money_to_proto,
     ms_to_timestamp,
+    price_entry,
     require_id,
 )
 
@@ -53,13 +55,15 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         # prices and the same answers across buyers and requests: building a Money or an
         # ItemPrice field by field costs more than looking one up (bench.hotpath).
         self._money: dict[tuple[str, int], Money] = {}
-        self._answers: dict[tuple[str, str, int, str, int, str], pricing_pb2.ItemPrice] = {}
+        self._answers: dict[tuple[str, str, int, str, int, str], bytes] = {}
 
-    async def BatchGetLowestPrice(
+    async def BatchGetLowestPrice(  # type: ignore[override]  # may answer serialised bytes
         self,
         request: pricing_pb2.BatchGetLowestPriceRequest,
         context: grpc.aio.ServicerContext,
-    ) -> pricing_pb2.BatchGetLowestPriceResponse:
+    ) -> pricing_pb2.BatchGetLowestPriceResponse | bytes:
+        """The page's prices; without ``explain`` as the serialised response (the method's
+        response serialiser passes bytes through, see ``interceptors``)."""
         if self.read_tokens:
             check_bearer(context.invocation_metadata(), self.read_tokens)
         max_id = self.max_id
@@ -98,14 +102,18 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         result = await self.core.batch(
             user_id, queries, explain=request.explain, time_remaining_s=context.time_remaining()
         )
+        if not request.explain:
+            return batch_response_bytes(
+                [
+                    self._answer(q.item_id, d)
+                    for q, d in zip(queries, result.decisions, strict=True)
+                ],
+                degraded=result.degraded,
+                rule_revision=result.rule_revision,
+            )
         response = pricing_pb2.BatchGetLowestPriceResponse(
             degraded=result.degraded, rule_revision=result.rule_revision
         )
-        if not request.explain:
-            response.prices.extend(
-                [self._answer(q.item_id, d) for q, d in zip(queries, result.decisions, strict=True)]
-            )
-            return response
         prices = response.prices
         for query, d in zip(queries, result.decisions, strict=True):
             out = prices.add(item_id=query.item_id)
@@ -120,8 +128,9 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
                 money_to_proto(ev.rule.price, e.price)
         return response
 
-    def _answer(self, item_id: str, d: Decision) -> pricing_pb2.ItemPrice:
-        """The ``ItemPrice`` of a decision without explanations, memoised (copied by extend)."""
+    def _answer(self, item_id: str, d: Decision) -> bytes:
+        """The ``ItemPrice`` of a decision without explanations, serialised as an element of
+        the response's ``prices`` (:func:`price_entry`), memoised."""
         price, rule = d.price, d.rule
         key = (
             item_id,
@@ -132,14 +141,14 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
             rule.seller_id if rule is not None else "",
         )
         answers = self._answers
-        out = answers.get(key)
-        if out is None:
+        entry = answers.get(key)
+        if entry is None:
             out = pricing_pb2.ItemPrice(item_id=item_id)
             _fill_item_price(d, out)
             if len(answers) >= MEMO_SIZE:
                 answers.clear()
-            answers[key] = out
-        return out
+            entry = answers[key] = price_entry(out)
+        return entry
 
     async def CheckDiscountStrict(
         self,

@@ -68,3 +68,47 @@ def test_filtered_level_writes_nothing(monkeypatch: pytest.MonkeyPatch, restore:
     stream = configure_into(monkeypatch, "WARNING")
     structlog.get_logger("test").info("rpc_finished")
     assert stream.writes == []
+
+
+class _Context:
+    """The part of a grpc.aio ServicerContext the interceptor reads on success."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+async def test_canonical_line_carries_the_request_id(
+    monkeypatch: pytest.MonkeyPatch, restore: None
+) -> None:
+    """The caller's ``x-request-id`` when it sends one; otherwise a fresh id per call, distinct
+    across interceptors (one per worker process) too; nothing left bound after the call."""
+    from pricing_service import interceptors  # noqa: PLC0415
+    from pricing_service.metrics import Metrics  # noqa: PLC0415
+
+    stream = configure_into(monkeypatch, "INFO")
+    # the module's logger may have been cached under another configuration by an earlier test
+    monkeypatch.setattr(interceptors, "log", structlog.get_logger("pricing_service.rpc"))
+
+    async def handler(request: object, context: object) -> str:
+        return "answer"
+
+    method = "/pricing.v1.PricingService/BatchGetLowestPrice"
+    calls = [
+        interceptors.ServerInterceptor(Metrics(), max_concurrent_rpcs=10)._wrap(method, handler)
+        for _ in range(2)
+    ]
+    assert await calls[0](object(), _Context((("x-request-id", "req-from-caller"),))) == "answer"
+    for call in calls:
+        for _ in range(3):
+            await call(object(), _Context(()))
+    lines = [json.loads(w) for w in stream.writes]
+    assert [line["event"] for line in lines] == ["rpc_finished"] * 7
+    assert all(line["code"] == "OK" and line["method"] == method for line in lines)
+    assert lines[0]["request_id"] == "req-from-caller"
+    generated = [line["request_id"] for line in lines[1:]]
+    assert len(set(generated)) == 6
+    assert all(len(r) == 32 and int(r, 16) >= 0 for r in generated)
+    assert "request_id" not in structlog.contextvars.get_contextvars()  # reset after each call
