@@ -545,6 +545,25 @@ class Harness:
         return peak, points
 
 
+def _round(server: Point, echo: Point | None, floor: Point | None) -> dict[str, float | None]:
+    """One round's peak rates (requests/s) and their ratios to the echo's."""
+    return {
+        "rps": round(server.rps, 1),
+        "echo_rps": round(echo.rps, 1) if echo else None,
+        "floor_rps": round(floor.rps, 1) if floor else None,
+        "ratio_to_echo": round(server.rps / echo.rps, 3) if echo else None,
+        "floor_ratio_to_echo": round(floor.rps / echo.rps, 3) if floor and echo else None,
+    }
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else round((known[mid - 1] + known[mid]) / 2, 3)
+
+
 def report(p: Point) -> None:
     target = f"{p.target_rps:8.0f}" if p.target_rps is not None else "  (peak)"
     cpu = f"{p.server_cpu_us_per_req:7.0f}" if p.server_cpu_us_per_req else "      -"
@@ -674,6 +693,13 @@ def _parser() -> argparse.ArgumentParser:
         help="PRICING_MEMBERSHIP_BUDGET_MS of the server (default: the server's own, 50 ms); "
         "on a host starved by other work, event-loop lag blows the budget and answers degrade",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="peak rounds: after the full run, N-1 more rounds of the server's, the echo's "
+        "(and the floor's) peak, back to back; the medians of the ratios are reported",
+    )
     p.add_argument("--pin", choices=["auto", "off"], default="auto")
     p.add_argument("--no-echo", action="store_true", help="skip the echo baseline")
     p.add_argument(
@@ -687,7 +713,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
     fractions = sorted({*(float(x) for x in args.fractions.split(",") if x), 0.7})
@@ -773,13 +802,17 @@ def run(
         f"-m {args.streams} -D {args.duration:g}s, pinned: {server_cpus is not None}",
         flush=True,
     )
+
+    def start_server(log: Path) -> Server:
+        return Server(
+            pinned(server_cpus, [sys.executable, "-m", "pricing_service", "serve",
+                                 "--workers", str(args.workers)]),
+            env,
+            log,
+        )  # fmt: skip
+
     server_log = workdir / "server.log"
-    server = Server(
-        pinned(server_cpus, [sys.executable, "-m", "pricing_service", "serve",
-                             "--workers", str(args.workers)]),
-        env,
-        server_log,
-    )  # fmt: skip
+    server = start_server(server_log)
     try:
         responses = {b: verified_call(target, requests[b], expected[b]) for b in batches}
         discounted = check_answer(responses[args.batch], expected[args.batch])
@@ -873,19 +906,55 @@ def run(
             echo.stop()
 
     floor_peak: Point | None = None
+    floor_args: list[str] = []
     if args.floor:
         key, fields = asyncio.run(page_fields(settings, page(cat, args.batch)))
+        floor_args = ["--floor-redis", redis.url, "--floor-key", key,
+                      "--floor-fields", ",".join(fields)]  # fmt: skip
         print(f"floor (echo + one HMGET of {len(fields)} fields + the log line)", flush=True)
-        floor, floor_port = start_echo(
-            "floor",
-            ["--floor-redis", redis.url, "--floor-key", key, "--floor-fields", ",".join(fields)],
-        )
+        floor, floor_port = start_echo("floor", floor_args)
         try:
             harness.redis_pid = redis.proc.pid if redis.proc else None
             floor_peak = harness.run(floor, "floor", floor_port, bodies[args.batch], None)
             report(floor_peak)
         finally:
             floor.stop()
+
+    # --rounds: more peak rates of each server, one after the other in every round, so that a
+    # host whose speed drifts from minute to minute weighs on all of them alike
+    rounds = [
+        _round(peak, echo_peak, floor_peak),
+    ]
+    for r in range(1, args.rounds):
+        print(f"round {r + 1} of {args.rounds}", flush=True)
+        harness.counters = lambda: scrape(metrics_ports)
+        harness.redis_pid = redis.proc.pid if redis.proc else None
+        again = start_server(workdir / f"server-round{r + 1}.log")
+        try:
+            verified_call(target, requests[args.batch], expected[args.batch])
+            server_round = harness.run(again, "server", port, bodies[args.batch], None)
+            report(server_round)
+        finally:
+            again.stop()
+        if server_round.failed or server_round.degraded:
+            problems.append(f"round {r + 1}: errors or degraded answers under load")
+        harness.counters = None
+        echo_round = floor_round = None
+        for name, extra in [("echo", []), ("floor", floor_args)]:
+            if (name == "echo" and args.no_echo) or (name == "floor" and not args.floor):
+                continue
+            harness.redis_pid = redis.proc.pid if name == "floor" and redis.proc else None
+            other, other_port = start_echo(name, extra)
+            try:
+                point = harness.run(other, name, other_port, bodies[args.batch], None)
+                report(point)
+            finally:
+                other.stop()
+            if name == "echo":
+                echo_round = point
+            else:
+                floor_round = point
+        rounds.append(_round(server_round, echo_round, floor_round))
 
     at70 = points[0.7]
     echo70 = echo_points.get(0.7)
@@ -924,6 +993,10 @@ def run(
         "floor_ratio_to_echo": round(floor_peak.rps / echo_peak.rps, 3)
         if floor_peak and echo_peak
         else None,
+        # --rounds: every round's peaks and the medians of the per-round ratios
+        "rounds": rounds,
+        "ratio_to_echo_median": _median([r["ratio_to_echo"] for r in rounds]),
+        "floor_ratio_to_echo_median": _median([r["floor_ratio_to_echo"] for r in rounds]),
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
         "checks": checks,
@@ -952,7 +1025,9 @@ def run(
         out["plot"] = args.plot
     print(
         f"summary: rps {out['rps']} ({out['items_per_s']} items/s), ratio_to_echo "
-        f"{out['ratio_to_echo']} (by cpu/req {out['cpu_ratio_to_echo']}), p99 at 70% "
+        f"{out['ratio_to_echo']} (by cpu/req {out['cpu_ratio_to_echo']}; median of "
+        f"{len(rounds)} rounds {out['ratio_to_echo_median']}, floor "
+        f"{out['floor_ratio_to_echo_median']}), p99 at 70% "
         f"{out['p99_ms_at_70pct']} ms, batch cost ratio {out.get('batch_cost_ratio')}, "
         f"loadavg {load_start:.1f}..{out['loadavg_end']:.1f}, ok {out['ok']} {problems}"
     )

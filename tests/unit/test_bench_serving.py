@@ -85,3 +85,21 @@ def test_synthetic_echo_response_has_the_page_shape() -> None:
     assert len(r.prices) == 20
     assert sum(p.discounted for p in r.prices) == 10
     assert not r.degraded
+
+
+def test_median_of_round_ratios_skips_unknowns() -> None:
+    from bench.serving import _median  # noqa: PLC0415
+
+    assert _median([0.5, None, 0.7, 0.6]) == 0.6
+    assert _median([0.5, 0.6]) == 0.55
+    assert _median([None, None]) is None
+    assert _median([]) is None
+
+
+def test_rounds_must_be_positive() -> None:
+    import pytest  # noqa: PLC0415
+
+    from bench.serving import main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
