@@ -180,9 +180,14 @@ class PipelinedReader:
     async def execute(self, *args: bytes | str, timeout: float | None = None) -> Any:
         """Send one command, wait for its reply: at most ``timeout`` seconds (then
         ``TimeoutError``, as from ``asyncio.timeout``), and no longer than the caller waits."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         proto = self._proto
         if proto is None or proto.closed:
-            proto = await self._connect()
+            # (re)connecting counts against the call's timeout too: an unreachable Redis must
+            # not hold a page for the connect timeout
+            async with asyncio.timeout_at(deadline):
+                proto = await self._connect()
         pending = proto.pending
         now = time.monotonic()
         if pending:
@@ -197,13 +202,11 @@ class PipelinedReader:
                 raise RedisConnectionError(
                     f"{len(pending)} Redis commands already waiting for replies"
                 )
-        loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         pending.append((fut, now))
         assert proto.transport is not None
         proto.transport.write(encode_command(args))
-        if timeout is not None:
-            deadline = loop.time() + timeout
+        if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), fut))
             timer = self._timer
             if timer is None or deadline < timer.when():
@@ -268,6 +271,11 @@ class PipelinedReader:
                 raise RedisConnectionError(
                     f"Redis at {where} refused the connection: {exc}"
                 ) from exc
+            except asyncio.CancelledError:
+                # the caller gave up (its timeout, its deadline) mid-way: a connection made but
+                # not yet through AUTH/SELECT must not serve the next call
+                new.fail(RedisConnectionError(f"connecting to Redis at {where} was interrupted"))
+                raise
             return new
 
     def _lost(self, proto: _Protocol) -> None:

@@ -128,6 +128,38 @@ async def test_a_calls_timeout_fails_it_at_its_own_deadline(
         await reader.aclose()
 
 
+async def test_a_calls_timeout_bounds_the_reconnect_too() -> None:
+    """A server that accepts connections but never answers (a hung Redis behind a live port):
+    the call fails at its own timeout, not after the connect timeout, and the half-made
+    connection (AUTH unanswered) is not kept for the next call."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read(-1)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader = PipelinedReader(
+        host="127.0.0.1", port=port, password="secret", socket_timeout=5, connect_timeout=5
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            t0 = loop.time()
+            with pytest.raises(TimeoutError):
+                await reader.hmget("k", [b"f"], timeout=0.1)
+            assert loop.time() - t0 < 1.0, attempt  # not the 5 s connect timeout
+            assert reader._proto is None  # the unauthenticated connection was dropped
+        assert len(accepted) == 2  # each call connected afresh
+    finally:
+        await reader.aclose()
+        for w in accepted:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_killed_redis_fails_fast_then_reconnects(
     private_redis: RedisServer, client: aioredis.Redis
 ) -> None:
