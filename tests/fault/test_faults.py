@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import json
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import grpc
 import pytest
-import redis as redis_sync
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from tests.fault.conftest import (
@@ -41,6 +42,48 @@ BUDGET_MS = int(FAULT_ENV["PRICING_MEMBERSHIP_BUDGET_MS"])
 
 def rows_done(checkpoints: dict[Any, Any]) -> int:
     return sum(int(json.loads(v)["offset"]) for v in checkpoints.values())
+
+
+#: argv: Redis URL, namespace, rows; stdin: the loader's pid. Prints "ready", then, once the
+#: loader's checkpoints count that many rows, SIGSTOPs it and prints the checkpoint key.
+_FREEZE_POLLER = """
+import json, os, signal, sys, time
+import redis
+url, namespace, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+client = redis.Redis.from_url(url, socket_timeout=5)
+client.ping()
+print("ready", flush=True)
+pid = int(sys.stdin.readline())
+deadline = time.monotonic() + 20
+keys = []
+while time.monotonic() < deadline:
+    # the checkpoint key, found once (a full SCAN of the buyers' keys takes many round trips),
+    # then only its fields are read
+    keys = keys or list(client.scan_iter(match=namespace + "sync:snapshot:*", count=10_000))
+    for key in keys:
+        done = sum(int(json.loads(v)["offset"]) for v in client.hgetall(key).values())
+        if done >= rows:
+            os.kill(pid, signal.SIGSTOP)
+            print(key.decode(), flush=True)
+            sys.exit(0)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit("the loader ended before it was frozen")
+    time.sleep(0.0005)
+sys.exit("the load never got under way")
+"""
+
+
+def start_freeze_poller(url: str, namespace: str, rows: int) -> subprocess.Popen[str]:
+    """The :data:`_FREEZE_POLLER` process (a thread of the test would share the GIL)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _FREEZE_POLLER, url, namespace, str(rows)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 async def test_redis_sigkill_and_restart(running: tuple[System, Load]) -> None:
@@ -205,27 +248,22 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
     env = dict(system.env, PRICING_SNAPSHOT_BATCH_ROWS="500")
     from tests.support.procs import run_sync_worker, sync_worker  # noqa: PLC0415
 
-    loader = sync_worker(env, system.tmp / "loader.log", "load-snapshot", str(snap))
-
-    def freeze_mid_load() -> str:
-        """Poll the loader's checkpoints from a thread of our own (the event loop is busy with
-        the load) and SIGSTOP it once a few batches are in: the kill then lands mid-load
-        however fast the loader is."""
-        client = redis_sync.Redis.from_url(system.redis.url, socket_timeout=5)
-        try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                assert loader.alive(), "the loader finished before it was frozen:\n" + loader.log()
-                for key in client.scan_iter(match=f"{system.namespace}sync:snapshot:*"):
-                    if rows_done(client.hgetall(key)) >= 3000:
-                        loader.proc.send_signal(signal.SIGSTOP)
-                        return key.decode()
-                time.sleep(0.0005)
-            raise AssertionError("the load never got under way:\n" + loader.log())
-        finally:
-            client.close()
-
-    ckey = await asyncio.to_thread(freeze_mid_load)
+    # The loader is frozen (SIGSTOP) once a few batches are in, by a poller process of its own:
+    # a thread here shares the GIL with the busy load and could see the checkpoints too late,
+    # after a fast loader had finished (seen: every row done before the freeze landed).
+    poller = start_freeze_poller(system.redis.url, system.namespace, 3000)
+    try:
+        assert poller.stdout is not None and poller.stdin is not None
+        assert (await asyncio.to_thread(poller.stdout.readline)).strip() == "ready"
+        loader = sync_worker(env, system.tmp / "loader.log", "load-snapshot", str(snap))
+        poller.stdin.write(f"{loader.proc.pid}\n")
+        poller.stdin.flush()
+        out = (await asyncio.to_thread(poller.communicate, timeout=60))[0]
+    finally:
+        if poller.poll() is None:
+            poller.kill()
+    assert poller.returncode == 0, out + "\n" + loader.log()
+    ckey = out.strip().splitlines()[-1]
     await in_thread(loader.kill)
     done = rows_done(await load.redis.hgetall(ckey))
     assert 3000 <= done < len(rows), done
