@@ -172,15 +172,10 @@ class Metrics:
             "1 while the breaker of rule-index miss reads is open",
             registry=r,
         )
-        self._rpc_series: dict[tuple[str, str], list[float]] = {}
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """One RPC: ``pricing_rpc_requests_total`` and ``pricing_rpc_latency_seconds``."""
-        key = (method, code)
-        series = self._rpc_series.get(key)
-        if series is None:
-            series = self._rpc_series[key] = self.rpc_latency.child(method, code)
-        self.rpc_latency.observe(series, seconds)
+        self.rpc_latency.observe(self.rpc_latency.child(method, code), seconds)
 
     def membership_anomaly(self, reason: str) -> None:
         self.membership_anomalies.labels(reason).inc()

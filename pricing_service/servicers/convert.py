@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pricing.v1 import common_pb2, pricing_pb2
@@ -79,10 +81,9 @@ def price_entry(price: pricing_pb2.ItemPrice) -> bytes:
     return b"\x0a" + _varint(len(body)) + body
 
 
-def batch_response_bytes(entries: list[bytes], *, degraded: bool, rule_revision: int) -> bytes:
+def batch_response_bytes(entries: Sequence[bytes], *, degraded: bool, rule_revision: int) -> bytes:
     """A serialised ``BatchGetLowestPriceResponse`` from :func:`price_entry` results."""
-    if degraded:
-        entries.append(b"\x10\x01")
-    if rule_revision:
-        entries.append(b"\x18" + _varint(rule_revision))
-    return b"".join(entries)
+    tail = (b"\x10\x01" if degraded else b"") + (
+        b"\x18" + _varint(rule_revision) if rule_revision else b""
+    )
+    return b"".join(entries) + tail
