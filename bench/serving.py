@@ -198,10 +198,12 @@ async def expected_answer(
 
 async def page_fields(settings: Any, items: list[tuple[str, int]]) -> tuple[str, list[str]]:
     """The buyer's hash and the fields the server's one HMGET reads for this page (the floor's
-    read: the same crowds, each with its seller's all_fans field, deduplicated)."""
-    from pricing_service.domain import Crowd, CrowdKind, SystemClock  # noqa: PLC0415
-    from pricing_service.engine import crowds_to_check  # noqa: PLC0415
+    read), as the membership store derives them."""
+    from pricing_service.domain import SystemClock  # noqa: PLC0415
+    from pricing_service.engine import crowd_keys_to_check  # noqa: PLC0415
     from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
+    from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
+    from pricing_service.redis_client import make_redis  # noqa: PLC0415
     from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
 
     store = await open_rule_store(settings)
@@ -209,12 +211,14 @@ async def page_fields(settings: Any, items: list[tuple[str, int]]) -> tuple[str,
         rule_lists = [(await store.rules_for_item(item))[0] for item, _ in items]
     finally:
         await store.close()
-    layout = MembershipLayout(settings.redis_namespace)
-    fields: dict[str, None] = {}
-    for c in crowds_to_check(rule_lists, SystemClock().now_ms()):
-        fields[layout.crowd_field(c)] = None
-        fields[layout.crowd_field(Crowd(c.seller_id, CrowdKind.ALL_FANS))] = None
-    return layout.user_key(BUYER), list(fields)
+    clock = SystemClock()
+    redis = make_redis(settings)  # not connected: only the layout is used
+    try:
+        membership = MembershipStore(redis, MembershipLayout(settings.redis_namespace), clock)
+        _, fields = membership.lookup_fields(crowd_keys_to_check(rule_lists, clock.now_ms()))
+        return membership.layout.user_key(BUYER), [f.decode() for f in fields]
+    finally:
+        await redis.aclose()
 
 
 def request_bytes(items: list[tuple[str, int]]) -> bytes:
@@ -922,9 +926,9 @@ def run(
 
     # --rounds: more peak rates of each server, one after the other in every round, so that a
     # host whose speed drifts from minute to minute weighs on all of them alike
-    rounds = [
-        _round(peak, echo_peak, floor_peak),
-    ]
+    rounds = [_round(peak, echo_peak, floor_peak)]
+    baselines: list[tuple[str, list[str]]] = [("echo", [])] if not args.no_echo else []
+    baselines += [("floor", floor_args)] if args.floor else []
     for r in range(1, args.rounds):
         print(f"round {r + 1} of {args.rounds}", flush=True)
         harness.counters = lambda: scrape(metrics_ports)
@@ -939,22 +943,16 @@ def run(
         if server_round.failed or server_round.degraded:
             problems.append(f"round {r + 1}: errors or degraded answers under load")
         harness.counters = None
-        echo_round = floor_round = None
-        for name, extra in [("echo", []), ("floor", floor_args)]:
-            if (name == "echo" and args.no_echo) or (name == "floor" and not args.floor):
-                continue
+        others: dict[str, Point] = {}
+        for name, extra in baselines:
             harness.redis_pid = redis.proc.pid if name == "floor" and redis.proc else None
             other, other_port = start_echo(name, extra)
             try:
-                point = harness.run(other, name, other_port, bodies[args.batch], None)
-                report(point)
+                others[name] = harness.run(other, name, other_port, bodies[args.batch], None)
+                report(others[name])
             finally:
                 other.stop()
-            if name == "echo":
-                echo_round = point
-            else:
-                floor_round = point
-        rounds.append(_round(server_round, echo_round, floor_round))
+        rounds.append(_round(server_round, others.get("echo"), others.get("floor")))
 
     at70 = points[0.7]
     echo70 = echo_points.get(0.7)

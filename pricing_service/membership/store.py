@@ -411,6 +411,25 @@ class MembershipStore:
         )
         return frozenset([c for c in crowds if (c.seller_id, c.kind) in keys])
 
+    def lookup_fields(
+        self, crowds: Sequence[tuple[str, CrowdKind]]
+    ) -> tuple[list[tuple[tuple[str, CrowdKind], bytes, bytes]], list[bytes]]:
+        """What :meth:`member_keys` reads: each crowd with its field and its seller's all_fans
+        field, and the distinct fields of the one ``HMGET``."""
+        # Hot path (every page): fields are memoised bytes and deduplicated as such.
+        field_of = self._field
+        all_fans = CrowdKind.ALL_FANS
+        asked: list[tuple[tuple[str, CrowdKind], bytes, bytes]] = []
+        wanted: dict[bytes, None] = {}
+        for key in crowds:
+            seller = key[0]
+            f = field_of(seller, key[1])
+            base = field_of(seller, all_fans)
+            asked.append((key, f, base))
+            wanted[f] = None
+            wanted[base] = None
+        return asked, list(wanted)
+
     async def member_keys(
         self,
         user_id: str,
@@ -425,19 +444,7 @@ class MembershipStore:
         if not crowds:
             return frozenset()
         now = self.clock.now_ms() if now_ms is None else now_ms
-        # Hot path (every page): fields are memoised bytes and deduplicated as such.
-        field_of = self._field
-        all_fans = CrowdKind.ALL_FANS
-        asked: list[tuple[tuple[str, CrowdKind], bytes, bytes]] = []
-        wanted: dict[bytes, None] = {}
-        for key in crowds:
-            seller = key[0]
-            f = field_of(seller, key[1])
-            base = field_of(seller, all_fans)
-            asked.append((key, f, base))
-            wanted[f] = None
-            wanted[base] = None
-        fields = list(wanted)
+        asked, fields = self.lookup_fields(crowds)
         values = await self._hmget(user_id, fields, redis, timeout_s)
         live: set[bytes] = set()
         expiries = self._expiries
