@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -348,29 +350,55 @@ async def loaded_on_private_pg(system: System, pg: PostgresServer, **env: str) -
     return load
 
 
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """When a rule-store outage of :func:`rule_store_outage` began and ended (ms)."""
+
+    starting: float  # just before the fault
+    started: float  # the fault in effect
+    ending: float  # just before the recovery
+    summary: dict[str, Any]  # the load's final state check
+
+
+async def rule_store_outage(
+    load: Load, fault: Callable[[], Any], recover: Callable[[], Any], seconds: float, item: str
+) -> Outage:
+    """``fault`` for ``seconds`` under ``load``, then ``recover``; the load runs on until it
+    looks recovered, then its final state is checked against the model and a rule written now
+    must be acknowledged (the index follows the store again). The load is closed; ``recover``
+    runs even if something failed before it."""
+    recovered = False
+    try:
+        starting = now_ms()
+        await in_thread(fault)
+        started = now_ms()
+        await asyncio.sleep(seconds)
+        ending = now_ms()
+        await in_thread(recover)
+        recovered = True
+        await wait_recovered(load, settle_s=2.5)
+        await load.stop()
+        summary = await load.check_final_state()
+        await load.upsert_rule("42", item, 777)
+    finally:
+        if not recovered:
+            with contextlib.suppress(Exception):
+                recover()
+        await load.close()
+    return Outage(starting, started, ending, summary)
+
+
 async def test_postgresql_restart(system: System, private_pg: PostgresServer) -> None:
     """The rule store goes away and comes back: pages keep their prices (index), strict
     refuses (it reads the store), admin writes fail UNAVAILABLE, acknowledged ones survive."""
     load = await loaded_on_private_pg(system, private_pg)
-    try:
-        stopping = now_ms()
-        await in_thread(private_pg.stop)
-        stopped = now_ms()
-        await asyncio.sleep(1.5)
-        restarting = now_ms()
-        await in_thread(private_pg.start)
-        await wait_recovered(load, settle_s=2.5)
-        await load.stop()
-        summary = await load.check_final_state()
-        # the index follows the store again: a rule written now is served
-        await load.upsert_rule("42", "after-restart", 777)
-    finally:
-        await load.close()
+    out = await rule_store_outage(load, private_pg.stop, private_pg.start, 1.5, "after-restart")
+    summary = out.summary
     load.assert_no_violations()
-    down = load.calls_between("CheckDiscountStrict", stopped + 100, restarting)
+    down = load.calls_between("CheckDiscountStrict", out.started + 100, out.ending)
     # refused: UNAVAILABLE, or the pool's wait for a connection outlasts the 1 s deadline
     assert down and all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in down), summary
-    pages = load.calls_between("BatchGetLowestPrice", stopping, restarting)
+    pages = load.calls_between("BatchGetLowestPrice", out.starting, out.ending)
     assert_mostly_fresh(pages, "pages need no rule store, but were degraded")
     assert load.admin_failures and set(load.admin_failures) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
     assert_recovered(load)
@@ -386,27 +414,15 @@ async def test_postgresql_hung_under_a_bounded_rule_index(
     the store. The store hangs (SIGSTOP): pages still answer within their deadline (the misses
     at list price, degraded), strict refuses, and all is fresh again once it is back."""
     load = await loaded_on_private_pg(system, private_pg, PRICING_RULE_INDEX_MAX_ITEMS="4")
-    try:
-        before = load.calls_between("BatchGetLowestPrice", 0, now_ms())
-        await in_thread(private_pg.pause)
-        paused = now_ms()
-        await asyncio.sleep(2.5)
-        resuming = now_ms()
-        await in_thread(private_pg.resume)
-        await wait_recovered(load, settle_s=2.5)
-        await load.stop()
-        summary = await load.check_final_state()
-        await load.upsert_rule("42", "after-hang", 777)
-    finally:
-        with contextlib.suppress(Exception):
-            private_pg.resume()
-        await load.close()
+    before = load.calls_between("BatchGetLowestPrice", 0, now_ms())
+    out = await rule_store_outage(load, private_pg.pause, private_pg.resume, 2.5, "after-hang")
+    summary = out.summary
     load.assert_no_violations()  # includes: every page answered OK within its deadline
     assert_mostly_fresh(before, "pages with a healthy store (misses read from it)")
-    pages = load.calls_between("BatchGetLowestPrice", paused + 300, resuming)
+    pages = load.calls_between("BatchGetLowestPrice", out.started + 300, out.ending)
     assert pages and sum(c.degraded for c in pages) > len(pages) // 2, summary
     # strict calls (1 s deadline) that started and ended inside the hang
-    down = load.calls_between("CheckDiscountStrict", paused + 300, resuming - 1100)
+    down = load.calls_between("CheckDiscountStrict", out.started + 300, out.ending - 1100)
     assert down and all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in down), summary
     assert_recovered(load)
     codes = system.stop_all()
