@@ -14,6 +14,7 @@ import structlog
 from pricing_service.config import Settings, load_settings
 from pricing_service.errors import ConfigError, PricingError
 from pricing_service.logging import configure_logging
+from pricing_service.runtime import select_runtime
 from pricing_service.workers import fork_workers
 
 log = structlog.get_logger("pricing_service")
@@ -81,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = args.command or "serve"
     try:
         if command == "serve":
+            try:
+                # the runtime can serve this configuration (TLS, say): checked before forking
+                select_runtime(settings)
+            except ConfigError as exc:
+                print(f"pricing-service: {exc.message}", file=sys.stderr)
+                sys.exit(2)
             sys.exit(serve(settings))
         elif command == "migrate":
             import pricing_service.rules.cli as rules_cli  # noqa: PLC0415

@@ -118,6 +118,25 @@ class Settings(BaseSettings):
 
     # --- server ---------------------------------------------------------------------------
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port")
+    server_runtime: Literal["grpcio-aio", "native"] = Field(
+        "grpcio-aio",
+        description="gRPC server runtime: grpcio-aio (grpcio's asyncio server; TLS) or native "
+        "(pygrpc-native: HTTP/2 and call handling in Rust outside the GIL; no TLS)",
+    )
+    native_io_threads: int = Field(
+        1, ge=1, le=64, description="native runtime: Rust I/O threads per server process"
+    )
+    native_io_policy: Literal["batch", "normal"] = Field(
+        "batch",
+        description="native runtime: Linux scheduling policy of the Rust I/O threads; batch = "
+        "SCHED_BATCH (they do not preempt the event loop when an answer wakes them)",
+    )
+    native_pump: Literal["loop", "thread"] = Field(
+        "loop",
+        description="native runtime: how calls reach the event loop; loop = the loop takes them "
+        "itself between its own work and a thread wakes it only when idle; thread = a thread "
+        "hands every batch over (measured slower under load: docs/BENCHMARKS.md)",
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus port (0 = off)")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token(s) for DiscountAdminService, comma-separated to rotate"

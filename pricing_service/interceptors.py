@@ -1,4 +1,9 @@
-"""The one server interceptor: request id, admission, error translation, canonical log line.
+"""The one RPC pipeline: request id, admission, error translation, canonical log line.
+
+Every unary call goes through :class:`RpcPipeline`, whatever server runtime received it
+(``pricing_service.runtime``): grpcio's aio server runs it as a server interceptor
+(:class:`ServerInterceptor`), the native runtime calls it directly. So the behaviour below is
+defined once:
 
 * Binds ``request_id`` (from ``x-request-id`` metadata, else generated) and ``rpc`` in
   structlog contextvars for every log line of the call.
@@ -15,10 +20,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 import structlog
@@ -68,8 +74,43 @@ def status_details(err: PricingError) -> bytes:
 INTERNAL_MESSAGE = "internal error; the request id identifies it in the server's logs"
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """See the module docstring."""
+class Failure(NamedTuple):
+    """How a call ends when it does not answer: the gRPC status and its trailing metadata
+    (``grpc-status-details-bin``: the ``google.rpc.Status`` of :func:`status_details`)."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing_metadata: tuple[tuple[str, bytes], ...]
+
+    @classmethod
+    def of(cls, err: PricingError) -> Failure:
+        return cls(err.code, err.message, (("grpc-status-details-bin", status_details(err)),))
+
+
+class CallContext(Protocol):
+    """What the pipeline and the servicers read of a call, on every runtime (a
+    ``grpc.aio.ServicerContext`` is one)."""
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str | bytes]] | None: ...
+
+    def peer(self) -> str: ...
+
+    def time_remaining(self) -> float | None: ...
+
+
+#: One unary method behind the pipeline: the request message (or ``_UNDECODABLE``) and the
+#: call's context in, the response (a message, or bytes already serialised) or a
+#: :class:`Failure` out.
+Invoke = Callable[[Any, Any], Awaitable[Any]]
+
+
+class RpcPipeline:
+    """What every unary RPC goes through, on every server runtime (see the module docstring):
+    request id, admission, rate limit, error translation, canonical log line, metrics.
+
+    One per process, shared by everything that serves calls in it, so that
+    ``max_concurrent_rpcs`` counts every call in flight whichever runtime part received it.
+    """
 
     def __init__(
         self,
@@ -84,37 +125,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._max = max_concurrent_rpcs
         self._in_flight = 0
         self._log_rpcs = log_rpcs
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch, reflection): passed through untouched
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=passing_bytes(handler.response_serializer),
-        )
-        self._cache[method] = wrapped
-        return wrapped
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
-    def _wrap(self, method: str, inner: Handler) -> Handler:
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        return self._max
+
+    def wrap(self, method: str, inner: Handler) -> Invoke:
+        """``inner`` (a servicer method) behind the pipeline; errors come back as a
+        :class:`Failure` instead of being raised (a ``grpc.aio.AbortError`` raised by a
+        grpcio servicer, such as health's, is re-raised: that call has its status already)."""
         metrics = self._metrics
         short = method.rsplit("/", 1)[-1]
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             request_id = _request_id(context)
             tokens = structlog.contextvars.bind_contextvars(request_id=request_id, rpc=short)
@@ -151,6 +182,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
+            except asyncio.CancelledError:
+                # the caller went away, or its deadline passed (the runtime cancels the call)
+                remaining = context.time_remaining()
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED
+                )
+                raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("rpc_internal_error", method=method)
@@ -169,11 +209,70 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     )
                 structlog.contextvars.reset_contextvars(**tokens)
             # only reached with err set (the try returns otherwise)
-            await context.abort(
-                err.code,
-                err.message,
-                trailing_metadata=(("grpc-status-details-bin", status_details(err)),),
-            )
+            return Failure.of(err)
+
+        return call
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The pipeline as a ``grpc.aio`` server interceptor: unary methods run behind it (a
+    :class:`Failure` becomes ``context.abort`` with its trailers); streaming methods (health
+    Watch, reflection) pass through untouched."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_concurrent_rpcs: int,
+        log_rpcs: bool = True,
+        limiter: RateLimiter | None = None,
+        pipeline: RpcPipeline | None = None,
+    ) -> None:
+        self.pipeline = pipeline or RpcPipeline(
+            metrics, max_concurrent_rpcs=max_concurrent_rpcs, log_rpcs=log_rpcs, limiter=limiter
+        )
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    @classmethod
+    def for_pipeline(cls, pipeline: RpcPipeline) -> ServerInterceptor:
+        """An interceptor in front of an existing pipeline (one per process)."""
+        return cls(pipeline.metrics, max_concurrent_rpcs=pipeline.max_concurrent_rpcs,
+                   pipeline=pipeline)  # fmt: skip
+
+    @property
+    def in_flight(self) -> int:
+        return self.pipeline.in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (health Watch, reflection): passed through untouched
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=tolerant(handler.request_deserializer),
+            response_serializer=passing_bytes(handler.response_serializer),
+        )
+        self._cache[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, inner: Handler) -> Handler:
+        invoke = self.pipeline.wrap(method, inner)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            result = await invoke(request, context)
+            if result.__class__ is Failure:
+                await context.abort(
+                    result.code, result.message, trailing_metadata=result.trailing_metadata
+                )
+            return result
 
         return call
 
@@ -185,7 +284,7 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserialize is None:
         return None
 
@@ -212,7 +311,7 @@ def passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], b
     return dump
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _request_id(context: CallContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value

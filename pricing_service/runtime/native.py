@@ -1,0 +1,543 @@
+"""The ``native`` runtime: pygrpc-native's ``NativeGrpcFront``, calls as events on our loop.
+
+The front runs HTTP/2, gRPC framing, flow control, deadlines and cancellation in Rust threads
+outside the GIL. Each unary call of our services reaches Python as an event (call id, method
+id, request bytes, metadata, peer, time remaining) and is answered by id with the response
+bytes (``respond``) or a status with trailing metadata (``fail``). In between, the call runs
+the same :class:`~pricing_service.interceptors.RpcPipeline` and servicer as on grpcio.
+
+Everything else the front does not serve natively (health ``Watch`` streams, reflection's
+bidirectional stream, unknown methods) it passes to a ``grpc.aio`` server on a private Unix
+socket behind it, with the same pipeline as its interceptor: health and reflection behave
+exactly as on the ``grpcio-aio`` runtime.
+
+How calls reach the loop (``PRICING_NATIVE_PUMP``)
+---------------------------------------------------
+``thread`` is how pygrpc-native's own asyncio adapter works: a Python thread blocks in
+``recv_batch_details`` and hands every batch to the loop with ``call_soon_threadsafe``.
+Measured under open-loop load (docs/BENCHMARKS.md, "the open-loop collapse"), that thread
+is the cause of the collapse: while the loop runs Python, a thread holding new calls must
+wait for the GIL, and CPython hands it over only after the switch interval (5 ms) by forcing
+the loop to drop it; at 70 % of the peak the loop is rarely idle, so batches wait 5-65 ms,
+grow, and the loop falls behind until pages miss their membership budget.
+
+``loop`` (the default) takes the thread out of the hot path: the event loop's selector is
+wrapped so that, every time the loop is about to wait for I/O, it first takes the calls that
+are ready itself with a non-blocking receive, and while calls are in flight it waits at most
+:data:`BUSY_POLL_S` before looking again. Only when no call is in flight does the thread get
+to block in ``recv_batch_details`` for the loop (the GIL is free then: the loop sleeps in
+``epoll``); it hands over one batch and parks again until the loop is next idle, so it never
+holds calls while the loop is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
+from pygrpc_native import __version__ as NATIVE_VERSION
+
+from pricing_service.config import Settings
+from pricing_service.interceptors import (
+    INTERNAL_MESSAGE,
+    Failure,
+    Invoke,
+    ServerInterceptor,
+    passing_bytes,
+    tolerant,
+)
+from pricing_service.runtime import ServerParts
+
+log = structlog.get_logger("pricing_service.runtime")
+
+NAME = "native"
+#: Events taken from the front at a time (the loop serves its other work in between).
+BATCH = 64
+#: Longest wait for I/O before the loop looks for new calls again, while calls are in flight.
+BUSY_POLL_S = 0.001
+#: The waker thread's receive timeout: how often it looks whether the loop still sleeps.
+WAKER_TIMEOUT_MS = 20
+#: How often a drain looks for the moment nothing is in flight.
+DRAIN_POLL_S = 0.001
+#: How long nothing must have arrived, been in flight or been answered before a drain closes
+#: the front: its ``close()`` drops answers its I/O threads have not written yet.
+DRAIN_QUIET_S = 0.003
+
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+
+
+def refuse(settings: Settings) -> str | None:
+    if settings.tls_cert_file or settings.tls_client_ca_file:
+        return (
+            "pygrpc-native has no TLS, and PRICING_TLS_CERT_FILE / PRICING_TLS_KEY_FILE / "
+            "PRICING_TLS_CLIENT_CA_FILE ask for it; use PRICING_SERVER_RUNTIME=grpcio-aio for "
+            "TLS, or terminate TLS in front of the server"
+        )
+    return None
+
+
+class _Context:
+    """The call's context as the pipeline and the servicers read it (``CallContext``)."""
+
+    __slots__ = ("_deadline", "_metadata", "_peer")
+
+    def __init__(
+        self, metadata: tuple[tuple[str, str | bytes], ...], peer: str, remaining: float | None
+    ) -> None:
+        self._metadata = metadata
+        self._peer = peer
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        deadline = self._deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def code(self) -> grpc.StatusCode | None:
+        return None
+
+
+class _Method:
+    """One natively served unary method: the pipeline-wrapped handler and its codec."""
+
+    __slots__ = ("deserialize", "invoke", "path", "serialize")
+
+    def __init__(self, path: str, handler: grpc.RpcMethodHandler, invoke: Invoke) -> None:
+        self.path = path
+        self.invoke = invoke
+        deserialize = tolerant(handler.request_deserializer)
+        serialize = passing_bytes(handler.response_serializer)
+        assert deserialize is not None and serialize is not None
+        self.deserialize: Callable[[bytes], Any] = deserialize
+        self.serialize: Callable[[Any], bytes] = serialize
+
+
+class NativeServer:
+    """The front, its fallback grpcio server, and the pump that feeds calls to the loop."""
+
+    def __init__(self, parts: ServerParts) -> None:
+        s = parts.settings
+        self._parts = parts
+        self._limit = s.max_message_bytes
+        self._methods: list[_Method] = []
+        self._paths: list[tuple[str, grpc.RpcMethodHandler]] = []
+        for service, handlers in parts.methods.services.items():
+            for name, handler in handlers.items():
+                if handler.request_streaming or handler.response_streaming:
+                    raise ValueError(f"/{service}/{name}: only unary methods are served natively")
+                self._paths.append((f"/{service}/{name}", handler))
+        before = _thread_ids()
+        try:
+            self._front = NativeGrpcFront(
+                s.listen,
+                [],
+                io_threads=s.native_io_threads,
+                call_details=True,
+                reuse_port=True,
+                metrics=True,  # pricing_runtime_call_seconds (_FrontMetrics)
+                # as grpc-core's server: keepalive pings only on connections with calls
+                keepalive_permit_without_calls=False,
+            )
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot listen on {s.listen}: {exc}") from exc
+        self._port = self._front.bound_port
+        #: the front's own threads (tokio's I/O workers), started by the constructor
+        self._io_threads = _thread_ids() - before
+        self._calls: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._fallback: grpc.aio.Server | None = None
+        self._fallback_dir: str | None = None
+        self._pump: _Pump | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: answers waiting for the loop's next wait (loop pump), else None: answered at once
+        self._answers: list[tuple[int, bytes]] | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    async def start(self) -> None:
+        parts = self._parts
+        front = self._front
+        self._loop = loop = asyncio.get_running_loop()
+        self._fallback_dir = tempfile.mkdtemp(prefix="pricing-native-")
+        path = os.path.join(self._fallback_dir, "fallback.sock")
+        pipeline = parts.pipeline
+        fallback = grpc.aio.server(
+            interceptors=[ServerInterceptor.for_pipeline(pipeline)] if pipeline else [],
+            options=[o for o in parts.grpc_options if o[0] != "grpc.so_reuseport"],
+        )
+        parts.add_grpcio_services(fallback)
+        if fallback.add_insecure_port(f"unix:{path}") == 0:
+            raise OSError(f"cannot listen on the fallback socket {path}")
+        await fallback.start()
+        self._fallback = fallback
+        front.set_fallback(path)
+        ids = front.add_methods([(p, False) for p, _ in self._paths])
+        table: list[_Method | None] = [None] * (max(ids) + 1 if ids else 0)
+        for method_id, (p, handler) in zip(ids, self._paths, strict=True):
+            invoke = (
+                handler.unary_unary if pipeline is None else pipeline.wrap(p, handler.unary_unary)
+            )
+            table[method_id] = _Method(p, handler, invoke)
+        self._methods = table  # type: ignore[assignment]  # every id the front returned is set
+        if pipeline is not None:
+            _FrontMetrics(front, pipeline.metrics.registry)
+        self._pump = _Pump(front, loop, self._on_events, self, parts.settings.native_pump)
+        if self._pump.mode == "loop":
+            self._answers = []
+        front.start()
+        self._pump.start()
+        if parts.settings.native_io_policy == "batch":
+            _batch_policy(self._io_threads)
+        log.info(
+            "native_runtime_started",
+            port=self._port,
+            pygrpc_native=NATIVE_VERSION,
+            io_threads=parts.settings.native_io_threads,
+            pump=self._pump.mode,
+        )
+
+    def _on_events(self, events: list[Any]) -> None:
+        """Start a task per new call, cancel the tasks of calls the front ended (the client
+        left, or the deadline passed). Runs on the loop."""
+        front = self._front
+        calls = self._calls
+        methods = self._methods
+        loop = self._loop
+        assert loop is not None
+        for kind, call_id, method_id, payload, _key, details in events:
+            if kind == EVENT_CANCEL:
+                task = calls.get(call_id)
+                if task is not None:
+                    task.cancel()
+                continue
+            if len(payload) > self._limit:
+                front.fail(
+                    call_id,
+                    _RESOURCE_EXHAUSTED,
+                    f"Received message larger than max ({len(payload)} vs. {self._limit})",
+                )
+                continue
+            metadata, peer, remaining = details
+            calls[call_id] = loop.create_task(
+                self._run(call_id, methods[method_id], payload, _Context(metadata, peer, remaining))
+            )
+
+    async def _run(self, call_id: int, method: _Method, payload: bytes, ctx: _Context) -> None:
+        front = self._front
+        try:
+            result = await method.invoke(method.deserialize(payload), ctx)
+            if result.__class__ is Failure:
+                front.fail(
+                    call_id, result.code.value[0], result.message, list(result.trailing_metadata)
+                )
+                return
+            data = method.serialize(result)
+            if len(data) > self._limit:
+                front.fail(
+                    call_id,
+                    _RESOURCE_EXHAUSTED,
+                    f"Sent message larger than max ({len(data)} vs. {self._limit})",
+                )
+                return
+            out = self._answers
+            if out is None:
+                front.respond(call_id, data)
+            else:  # loop pump: answered together when the loop next waits (_Pump.select)
+                out.append((call_id, data))
+        except asyncio.CancelledError:
+            if self._stopping:  # the grace period is over; a client that left gets nothing
+                front.fail(call_id, _CANCELLED, "the server stopped before answering")
+            raise
+        except Exception:
+            log.exception("rpc_internal_error", method=method.path)
+            front.fail(call_id, _INTERNAL, INTERNAL_MESSAGE)
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def stop(self, grace: float | None) -> None:
+        """Drain, then close: see :meth:`_idle_now`."""
+        if self._stopping:
+            return
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        fallback = self._fallback
+        fallback_stopped = asyncio.ensure_future(fallback.stop(grace)) if fallback else None
+        deadline = loop.time() + (grace or 0.0)
+        if self._pump is not None:
+            await self._pump.quiesce()
+        # polled: the front has nothing to await
+        quiet_since = loop.time()
+        while (now := loop.time()) < deadline:
+            if not self._idle_now():
+                quiet_since = now
+            elif now - quiet_since >= DRAIN_QUIET_S:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        # nothing runs on the loop between the last look and the GOAWAY
+        if self._pump is not None:
+            self._pump.stop()
+        log.info("native_runtime_closing", at_ms=time.time_ns() // 1_000_000,
+                 in_flight=len(self._calls))  # fmt: skip
+        self._front.close()
+        log.info("native_runtime_closed", at_ms=time.time_ns() // 1_000_000)
+        tasks = list(self._calls.values())  # only when the grace period ran out
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if fallback_stopped is not None:
+            await fallback_stopped
+        if self._fallback_dir is not None:
+            shutil.rmtree(self._fallback_dir, ignore_errors=True)
+        log.info("native_runtime_stopped", cancelled_after_grace=len(tasks))
+
+    def _idle_now(self) -> bool:
+        """Whether nothing is in flight, queued in the front, or answered just now.
+
+        pygrpc-native 0.5 cannot stop taking new streams while it finishes the open ones: its
+        ``close()`` sends GOAWAY and ends every open stream at once, answers its I/O threads
+        have not written yet included. So the drain serves every call, new ones too, and closes
+        the front once this has been true for :data:`DRAIN_QUIET_S` (the last answers are
+        written by then; a call that reaches the front in the instant of the close is refused,
+        one the client had not sent yet goes to another server), or when the grace period is
+        over."""
+        answers = self._answers
+        if answers:
+            for call_id, data in answers:
+                self._front.respond(call_id, data)
+            answers.clear()
+            return False
+        if self._calls:
+            return False
+        events = self._front.recv_batch_details(BATCH, 0)
+        if events:
+            self._on_events(events)
+            return not self._calls  # (cancellations only)
+        return True
+
+
+class _Pump:
+    """Moves call events from the front to the loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        front: NativeGrpcFront,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[list[Any]], None],
+        server: NativeServer,
+        mode: str,
+    ) -> None:
+        self._front = front
+        self._loop = loop
+        self._deliver = deliver
+        self._server = server
+        self._closed = False
+        self._draining = False
+        # set: the waker thread may block in the front's receive for the loop
+        self._gate = threading.Event()
+        self._thread = threading.Thread(target=self._wake, name="native-waker", daemon=True)
+        self._selector: _PumpSelector | None = None
+        inner = getattr(loop, "_selector", None)
+        if mode == "loop" and not isinstance(inner, selectors.BaseSelector):
+            log.warning("native_pump_fallback", reason="the event loop has no selector to wrap")
+            mode = "thread"
+        self.mode = mode
+        if mode == "loop":
+            assert isinstance(inner, selectors.BaseSelector)
+            self._selector = _PumpSelector(inner, self)
+
+    def start(self) -> None:
+        if self._selector is not None:
+            self._loop._selector = self._selector  # type: ignore[attr-defined]
+        else:
+            self._gate.set()  # thread mode: the thread always receives
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop taking calls (the front is closed next)."""
+        self._closed = True
+        if self._selector is not None:
+            self._loop._selector = self._selector.inner  # type: ignore[attr-defined]
+        self._gate.set()  # let the thread reach the closed front and end
+
+    def _safe_deliver(self, events: list[Any]) -> None:
+        try:
+            self._deliver(events)
+        except Exception:
+            log.exception("native_dispatch_failed")
+
+    def select(self, inner: selectors.BaseSelector, timeout: float | None) -> list[Any]:
+        """The loop's wait for I/O, taking ready calls first (loop mode)."""
+        if self._closed:
+            return inner.select(timeout)
+        front = self._front
+        answers = self._server._answers
+        if answers:
+            # the iteration's answers in one go: one wake-up of the front's I/O thread
+            for call_id, data in answers:
+                front.respond(call_id, data)
+            answers.clear()
+        events = front.recv_batch_details(BATCH, 0)
+        if events:
+            self._safe_deliver(events)
+            return inner.select(0)
+        if timeout is not None and timeout <= 0:
+            return inner.select(0)
+        if self._server.in_flight or self._draining:
+            # calls in flight: their replies are near; look for new calls again soon (and
+            # always while draining: the thread no longer receives)
+            return inner.select(BUSY_POLL_S if timeout is None else min(timeout, BUSY_POLL_S))
+        # nothing in flight: sleep, and let the thread receive for us meanwhile
+        self._gate.set()
+        try:
+            return inner.select(timeout)
+        finally:
+            self._gate.clear()
+
+    async def quiesce(self) -> None:
+        """End the thread, so that the loop alone takes calls from here on: a drain can then
+        tell exactly when none is left anywhere. Calls the thread took before it ended reach
+        the loop before this returns (its hand-over is queued first)."""
+        self._draining = True
+        self._gate.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def _wake(self) -> None:
+        """The waker thread: receives only while the gate is open (the loop sleeps)."""
+        front, loop = self._front, self._loop
+        thread_mode = self._selector is None
+        while True:
+            self._gate.wait()
+            if self._draining:
+                return
+            events = front.recv_batch_details(BATCH, WAKER_TIMEOUT_MS)
+            if events is None or self._closed:
+                return  # the front is closed
+            if not events:
+                continue
+            if not thread_mode:
+                self._gate.clear()  # one batch per sleep: the loop takes the next ones itself
+            try:
+                loop.call_soon_threadsafe(self._safe_deliver, events)
+            except RuntimeError:  # the loop is closed
+                return
+
+
+class _PumpSelector(selectors.BaseSelector):
+    """The loop's selector, with :meth:`_Pump.select` in front of its ``select``."""
+
+    def __init__(self, inner: selectors.BaseSelector, pump: _Pump) -> None:
+        self.inner = inner
+        self._pump = pump
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self.inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self.inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self.inner.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        return self._pump.select(self.inner, timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
+        return self.inner.get_key(fileobj)
+
+    def get_map(self) -> Any:
+        return self.inner.get_map()
+
+
+class _FrontMetrics(Collector):
+    """``pricing_runtime_call_seconds{method, code}``: how long the front held each call, from
+    its arrival to the answer's hand-over, read from the front's own histogram at scrape time.
+    Beside ``pricing_rpc_latency_seconds`` (the pipeline's time) it shows the time a call waits
+    to reach the event loop and to leave it: the runtime's share of the latency."""
+
+    def __init__(self, front: NativeGrpcFront, registry: CollectorRegistry) -> None:
+        self._front = front
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "pricing_runtime_call_seconds",
+            "Native runtime: time from a call's arrival to its answer (queueing included)",
+            labels=["method", "code"],
+        )
+        try:
+            snapshot = self._front.metrics()
+        except Exception:  # closed
+            snapshot = None
+        if snapshot:
+            bounds = snapshot["bounds"]
+            for path, method in snapshot["methods"].items():
+                short = path.rsplit("/", 1)[-1]
+                for code, series in method.get("status", {}).items():
+                    total = 0.0
+                    buckets = []
+                    for bound, n in zip(bounds, series["buckets"], strict=False):
+                        total += n
+                        buckets.append((repr(float(bound)), total))
+                    total = float(sum(series["buckets"]))
+                    buckets.append(("+Inf", total))
+                    name = _CODE_NAMES.get(code, str(code))
+                    family.add_metric([short, name], buckets, series["sum"])
+        yield family
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+def _thread_ids() -> set[int]:
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux
+        return set()
+
+
+def _batch_policy(tids: set[int]) -> None:
+    """``SCHED_BATCH`` for the front's I/O threads: Linux then does not let an I/O thread
+    preempt the event loop's thread each time an answer wakes it (it runs when the loop waits,
+    or on another core), so the answers of one loop iteration cost one wake-up, not one each
+    (see the module docstring)."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None or not tids:
+        log.info("native_io_policy_unavailable", threads=len(tids))
+        return
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError as exc:  # a thread that ended, or a sandbox that forbids it
+            log.warning("native_io_policy_failed", thread=tid, error=str(exc))
+
+
+def build(parts: ServerParts) -> NativeServer:
+    return NativeServer(parts)
