@@ -20,6 +20,13 @@ from tests.support.redis_server import RedisServer
 REDIS_URL = os.environ.get("PRICING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("PRICING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE = os.environ.get("PRICING_TEST_REQUIRE_SERVICES", "") not in ("", "0", "false")
+#: The gRPC server runtimes every server-starting test runs on (``PRICING_SERVER_RUNTIME``
+#: values; ``PRICING_TEST_RUNTIMES=native`` narrows a run to one).
+SERVER_RUNTIMES = tuple(
+    r.strip()
+    for r in os.environ.get("PRICING_TEST_RUNTIMES", "grpcio-aio,native").split(",")
+    if r.strip()
+)
 
 
 def service_missing(what: str, why: object) -> None:
@@ -27,6 +34,15 @@ def service_missing(what: str, why: object) -> None:
     if REQUIRE:
         pytest.fail(msg + " and PRICING_TEST_REQUIRE_SERVICES=1", pytrace=False)
     pytest.skip(msg)
+
+
+@pytest.fixture(params=SERVER_RUNTIMES)
+def server_runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The server runtime of this test: set in the environment, where ``load_settings`` (in
+    process) and ``tests.support.procs.service_env`` (child processes) read it."""
+    runtime: str = request.param
+    monkeypatch.setenv("PRICING_SERVER_RUNTIME", runtime)
+    return runtime
 
 
 @pytest.fixture(scope="session")

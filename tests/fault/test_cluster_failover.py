@@ -39,7 +39,8 @@ from tests.fault.conftest import (
 from tests.support.load import PUBLISH_ERRORS, Load
 from tests.support.redis_cluster import keyslot
 
-pytestmark = pytest.mark.fault
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.fault, pytest.mark.usefixtures("server_runtime")]
 
 
 @pytest.fixture

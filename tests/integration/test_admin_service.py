@@ -19,11 +19,12 @@ import pytest
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from pricing_service.auth import fingerprint
 from pricing_service.domain import ManualClock
-from pricing_service.interceptors import ServerInterceptor
 from pricing_service.metrics import Metrics
 from pricing_service.rules.store import SqlRuleStore, open_rule_store
+from pricing_service.runtime import RuntimeServer
 from pricing_service.servicers.admin import DiscountAdminServicer
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from tests.support.serve import serve
 from tests.support.status import status_details
 
 pytestmark = pytest.mark.integration
@@ -63,17 +64,20 @@ def drule(
     )
 
 
-async def start(url: str, tmp: Path, **overrides: object) -> tuple[grpc.aio.Server, Admin, Any]:
-    settings = settings_for(url, **overrides)
+async def start(url: str, tmp: Path, **overrides: object) -> tuple[RuntimeServer, Admin, Any]:
+    """The admin servicer on the test's server runtime (``PRICING_SERVER_RUNTIME``)."""
+    settings = settings_for(url, listen="127.0.0.1:0", **overrides)
     store = await open_rule_store(settings)
     metrics = Metrics()
-    server = grpc.aio.server(interceptors=[ServerInterceptor(metrics, max_concurrent_rpcs=100)])
-    admin_pb2_grpc.add_DiscountAdminServiceServicer_to_server(
-        DiscountAdminServicer(store, settings, ManualClock()), server
+    servicer = DiscountAdminServicer(store, settings, ManualClock())
+    server = await serve(
+        settings,
+        metrics,
+        lambda methods: admin_pb2_grpc.add_DiscountAdminServiceServicer_to_server(
+            servicer, methods
+        ),
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     return server, Admin(admin_pb2_grpc.DiscountAdminServiceStub(channel), store, metrics), channel
 
 
@@ -87,7 +91,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
+async def admin(tmp_path: Path, server_runtime: str) -> AsyncIterator[Admin]:
     server, a, channel = await start(
         sqlite_url(tmp_path), tmp_path, admin_token=f"{OLD_TOKEN},{TOKEN}", max_rule_batch=500
     )

@@ -47,7 +47,8 @@ from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
 from tests.support.rpcs import strict_verdict, upsert_fan_rule
 from tests.support.rule_stores import pg_schema
 
-pytestmark = pytest.mark.integration
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
 PARTITIONS = 4
 BUYERS = [f"b{i}" for i in range(60)]
 

@@ -28,7 +28,8 @@ from tests.support.procs import (
     wait_serving,
 )
 
-pytestmark = pytest.mark.integration
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
 ADMIN = (("authorization", "Bearer test-admin-token"),)
 
 

@@ -21,7 +21,8 @@ from pricing.v1 import admin_pb2, common_pb2, pricing_pb2
 from pricing_service.config import load_settings
 from pricing_service.server import PricingServer
 
-pytestmark = pytest.mark.integration
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
 TOKEN = "hostile-test-token"
 ALLOWED = {
     grpc.StatusCode.OK,

@@ -17,7 +17,8 @@ from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
 from tests.support.procs import pricing_service, service_env, wait_serving
 from tests.support.redis_server import RedisServer
 
-pytestmark = pytest.mark.integration
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
 
 
 def batch(

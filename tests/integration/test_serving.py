@@ -30,7 +30,8 @@ from pricing_service.server import PricingServer
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.status import status_details
 
-pytestmark = pytest.mark.integration
+# every test starts a server: on each server runtime (tests.conftest.server_runtime)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
 TOKEN = "serving-test-token"
 ADMIN = (("authorization", f"Bearer {TOKEN}"),)
 TTLS = derive.Ttls.from_seconds(172800, 172800, 30)

@@ -60,6 +60,7 @@ async def test_grpc_over_tls(
         metrics_port=0,
         tls_cert_file=str(certs.server_cert),
         tls_key_file=str(certs.server_key),
+        server_runtime="grpcio-aio",  # the runtime that serves TLS
     )
     async with PricingServer(settings) as server:
         target = f"127.0.0.1:{server.port}"
@@ -86,6 +87,7 @@ async def test_mutual_tls_requires_a_client_certificate(
         tls_cert_file=str(certs.server_cert),
         tls_key_file=str(certs.server_key),
         tls_client_ca_file=str(certs.ca),
+        server_runtime="grpcio-aio",  # the runtime that serves TLS
     )
     ca = certs.ca.read_bytes()
     async with PricingServer(settings) as server:
@@ -102,6 +104,36 @@ async def test_mutual_tls_requires_a_client_certificate(
             ),
         )
         assert ok.prices[0].price.amount_minor == 100
+
+
+def test_a_runtime_without_tls_refuses_a_tls_configuration(
+    redis_url: str, namespace: str, tmp_path: Path, certs: CertFiles
+) -> None:
+    """Never a silent plaintext server: the native runtime has no TLS, so TLS settings with it
+    stop the process at start-up, naming the variables (in process, and as a command)."""
+    from pricing_service.errors import ConfigError  # noqa: PLC0415
+    from tests.support.procs import run_pricing_service, service_env  # noqa: PLC0415
+
+    tls = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
+    for extra in ({}, {"tls_client_ca_file": str(certs.ca)}):
+        settings = load_settings(server_runtime="native", **tls, **extra)
+        with pytest.raises(ConfigError) as caught:
+            PricingServer(settings)
+        message = caught.value.message
+        assert "PRICING_SERVER_RUNTIME=native" in message
+        assert "PRICING_TLS_CERT_FILE" in message
+        assert "grpcio-aio" in message  # what would serve it
+    env = service_env(redis_url=redis_url, namespace=namespace, tmp=tmp_path)
+    env.update({
+        "PRICING_SERVER_RUNTIME": "native",
+        "PRICING_TLS_CERT_FILE": str(certs.server_cert),
+        "PRICING_TLS_KEY_FILE": str(certs.server_key),
+    })  # fmt: skip
+    done = run_pricing_service(env, "serve", timeout=60)
+    assert done.returncode == 2, done
+    assert "PRICING_SERVER_RUNTIME=native" in done.stderr
+    assert "PRICING_TLS_CERT_FILE" in done.stderr
+    assert "server_started" not in done.stderr + done.stdout  # nothing listened
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ def service_env(
 ) -> dict[str, str]:
     """Environment for both processes, isolated by namespace, stream names and files."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}
+    if "PRICING_SERVER_RUNTIME" in os.environ:  # the test's runtime (tests.conftest)
+        env["PRICING_SERVER_RUNTIME"] = os.environ["PRICING_SERVER_RUNTIME"]
     env.update(
         {
             "PRICING_REDIS_URL": redis_url,
@@ -96,17 +98,30 @@ def sync_worker(env: Mapping[str, str], log: Path, *args: str) -> Proc:
     return Proc([sys.executable, "-m", "sync_worker", *args], env, log)
 
 
-def run_sync_worker(
-    env: Mapping[str, str], *args: str, timeout: float = 120
+def run_program(
+    module: str, env: Mapping[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` to completion, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "sync_worker", *args],
+        [sys.executable, "-m", module, *args],
         env=dict(env),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def run_pricing_service(
+    env: Mapping[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return run_program("pricing_service", env, *args, timeout=timeout)
+
+
+def run_sync_worker(
+    env: Mapping[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return run_program("sync_worker", env, *args, timeout=timeout)
 
 
 def wait_serving(target: str, proc: Proc, timeout: float = 30) -> None:
