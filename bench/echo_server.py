@@ -1,10 +1,12 @@
-"""The echo baseline of ``bench.serving``: a no-op PricingService on the same gRPC stack.
+"""The echo baseline of ``bench.serving``: a no-op PricingService on the same gRPC runtime.
 
 It answers ``BatchGetLowestPrice`` with one pre-built response (the real server's answer to the
 benchmark's page, read from ``--response FILE``, or a synthetic one of ``--batch`` items), after
 the same request deserialisation and response serialisation as the real server. Same process
 model as ``pricing-service serve``: ``--workers`` processes forked before any gRPC object
-exists, sharing one port through ``SO_REUSEPORT``, with the same server options.
+exists, sharing one port through ``SO_REUSEPORT``, with the same server options, on the same
+server runtime (``--runtime``, else ``PRICING_SERVER_RUNTIME``: ``pricing_service.runtime``),
+serving the handler bare (no pipeline: no request id, admission or log line).
 
     python -m bench.echo_server --listen 127.0.0.1:50099 --workers 2 --response resp.bin
 
@@ -63,7 +65,13 @@ class Floor:
     fields: tuple[str, ...]
 
 
-async def _serve(listen: str, response_bytes: bytes | None, batch: int, floor: Floor | None) -> int:
+async def _serve(
+    listen: str,
+    response_bytes: bytes | None,
+    batch: int,
+    floor: Floor | None,
+    runtime_args: dict[str, Any],
+) -> int:
     import grpc  # noqa: PLC0415
 
     from pricing.v1 import pricing_pb2, pricing_pb2_grpc  # noqa: PLC0415
@@ -91,19 +99,31 @@ async def _serve(listen: str, response_bytes: bytes | None, batch: int, floor: F
             request: pricing_pb2.CheckDiscountStrictRequest,
             context: grpc.aio.ServicerContext,
         ) -> pricing_pb2.CheckDiscountStrictResponse:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the echo server only batches")
-            raise AssertionError("unreachable")  # abort raises
+            raise NotImplementedError("the echo server only batches")
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1),
-        ]
-    )
-    pricing_pb2_grpc.add_PricingServiceServicer_to_server(EchoServicer(), server)
-    if server.add_insecure_port(listen) == 0:
-        print(f"echo_server: cannot listen on {listen}", file=sys.stderr)
+    from pricing_service.config import load_settings  # noqa: PLC0415
+    from pricing_service.runtime import MethodTable, ServerParts, select_runtime  # noqa: PLC0415
+
+    # the server's own runtime, options and process model, without the pipeline (bare handlers)
+    settings = load_settings(listen=listen, max_message_bytes=MAX_MESSAGE_BYTES, **runtime_args)
+    methods = MethodTable()
+    pricing_pb2_grpc.add_PricingServiceServicer_to_server(EchoServicer(), methods)
+    try:
+        server = select_runtime(settings).build(
+            ServerParts(
+                settings=settings,
+                pipeline=None,
+                methods=methods,
+                add_grpcio_services=lambda _server: None,
+                grpc_options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.so_reuseport", 1),
+                ],
+            )
+        )
+    except OSError as exc:
+        print(f"echo_server: {exc}", file=sys.stderr)
         return 1
     await server.start()
     stop = asyncio.Event()
@@ -149,13 +169,21 @@ async def _floor_work(floor: Floor) -> Callable[[Any], Awaitable[None]]:
 
 
 def serve(
-    listen: str, workers: int, response_bytes: bytes | None, batch: int, floor: Floor | None = None
+    listen: str,
+    workers: int,
+    response_bytes: bytes | None,
+    batch: int,
+    floor: Floor | None = None,
+    runtime_args: dict[str, Any] | None = None,
 ) -> int:
-    """Run ``workers`` processes on ``listen`` (forked before gRPC starts, like the server)."""
+    """Run ``workers`` processes on ``listen`` (forked before gRPC starts, like the server);
+    ``runtime_args``: settings of the runtime (``server_runtime``, ``native_pump``, ...), else
+    the ``PRICING_*`` environment's."""
+    args = runtime_args or {}
     if workers <= 1:
-        return asyncio.run(_serve(listen, response_bytes, batch, floor))
+        return asyncio.run(_serve(listen, response_bytes, batch, floor, args))
     return fork_workers(
-        workers, lambda _i: asyncio.run(_serve(listen, response_bytes, batch, floor))
+        workers, lambda _i: asyncio.run(_serve(listen, response_bytes, batch, floor, args))
     )
 
 
@@ -168,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--floor-redis", default=None, help="Redis URL: serve as the floor")
     p.add_argument("--floor-key", default="", help="the floor's buyer hash")
     p.add_argument("--floor-fields", default="", help="the floor's HMGET fields, comma-separated")
+    p.add_argument(
+        "--runtime", default=None, help="server runtime (default: PRICING_SERVER_RUNTIME's)"
+    )
     args = p.parse_args(argv)
     floor = None
     if args.floor_redis:
@@ -179,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.response:
         with open(args.response, "rb") as f:
             response_bytes = f.read()
-    sys.exit(serve(args.listen, args.workers, response_bytes, args.batch, floor))
+    runtime_args = {"server_runtime": args.runtime} if args.runtime else {}
+    sys.exit(serve(args.listen, args.workers, response_bytes, args.batch, floor, runtime_args))
 
 
 if __name__ == "__main__":
