@@ -91,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             code = asyncio.run(_status(settings))
     except PricingError as exc:
-        print(f"sync-worker: {exc.reason}: {exc.message}", file=sys.stderr)
+        if args.command == "consume":  # a log line like every other line of the consumer
+            log.error("consumer_failed", reason=exc.reason, message=exc.message)
+        else:
+            print(f"sync-worker: {exc.reason}: {exc.message}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
