@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(client_cli.run(settings, args))
     except PricingError as exc:
         if command == "serve":  # a log line like every other line of the server (JSON)
-            log.error("server_failed", reason=exc.reason, message=exc.message)
+            log.error("server_failed", reason=exc.reason, message=exc.message)  # noqa: TRY400
         else:
             print(f"pricing-service: {exc.reason}: {exc.message}", file=sys.stderr)
         sys.exit(1)

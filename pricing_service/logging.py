@@ -64,7 +64,10 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> JSON
+    # warnings.warn(...) -> the "py.warnings" logger -> JSON (off, then on: installs the hook
+    # again even where something replaced warnings.showwarning since an earlier call)
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 _second: list[Any] = [-1, ""]  # [epoch second, its "YYYY-MM-DDTHH:MM:SS" form]
