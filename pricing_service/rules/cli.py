@@ -116,7 +116,7 @@ async def import_rules(
         print(f"cannot read {p}: {exc.strerror}", file=out)
         return 1
     except InvalidArgumentError as exc:
-        return _report(out, exc.violations)
+        return report(out, exc.violations)
     if not rows:
         print(f"refused: {p} holds no rules", file=out)
         return 1
@@ -131,7 +131,7 @@ async def import_rules(
         except InvalidArgumentError as exc:
             problems.extend(exc.violations)
     if problems:
-        return _report(out, problems)
+        return report(out, problems)
     sellers = sorted({r.seller_id for r in rules})
     store = await open_rule_store(settings)
     try:
@@ -139,7 +139,7 @@ async def import_rules(
         try:
             written = await store.upsert_many(rules, actor)
         except PricingError as exc:
-            return _report(out, exc.violations or [FieldViolation("", exc.message, exc.reason)])
+            return report(out, exc.violations or [FieldViolation("", exc.message, exc.reason)])
         after = max([before, *(r.revision for r in written)])
     finally:
         await store.close()
@@ -152,7 +152,7 @@ async def import_rules(
     return 0
 
 
-def _report(out: TextIO, problems: list[FieldViolation]) -> int:
+def report(out: TextIO, problems: list[FieldViolation]) -> int:
     print(f"refused, nothing written ({len(problems)} problem(s)):", file=out)
     for v in problems[:MAX_REPORTED_ERRORS]:
         print(f"  {v.field}: {v.reason}: {v.description}", file=out)
