@@ -29,7 +29,7 @@ from pydantic import SecretStr
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import Settings
 from pricing_service.domain import CrowdKind, Money, Rule
-from pricing_service.errors import FieldViolation, InvalidArgumentError
+from pricing_service.errors import InvalidArgumentError
 from pricing_service.rules.validation import decimal_to_minor, rule_from_human
 
 #: What ``health`` checks: the overall status and each service's.
@@ -235,12 +235,7 @@ def rules(settings: Settings, args: argparse.Namespace) -> int:
     """``rules upsert|list|import --target``: the same input and output as against the store,
     authenticated with the first ``PRICING_ADMIN_TOKEN``; the audit actor is ``--actor``
     (``x-actor``) plus the token's fingerprint."""
-    from pricing_service.rules.cli import (  # noqa: PLC0415
-        MAX_IMPORT_ROWS,
-        read_rows,
-        report,
-        rule_line,
-    )
+    from pricing_service.rules.cli import read_import_file, rule_line  # noqa: PLC0415
 
     token = first_token(settings.admin_token)
     if token is None:
@@ -293,24 +288,9 @@ def rules(settings: Settings, args: argparse.Namespace) -> int:
                     page_token = listed.next_page_token
                     if not page_token:
                         return 0
-            try:
-                rows = read_rows(Path(args.file))
-            except OSError as exc:
-                print(f"cannot read {args.file}: {exc.strerror}")
-                return 1
-            except InvalidArgumentError as exc:
-                return report(sys.stdout, exc.violations)
-            if not rows or len(rows) > MAX_IMPORT_ROWS:
-                raise _usage(f"{args.file}: {len(rows)} rules (1..{MAX_IMPORT_ROWS} allowed)")
-            batch: list[Rule] = []
-            problems: list[FieldViolation] = []
-            for label, row in rows:
-                try:
-                    batch.append(rule_from_human(row, label, max_id_length=settings.max_id_length))
-                except InvalidArgumentError as exc:
-                    problems.extend(exc.violations)
-            if problems:
-                return report(sys.stdout, problems)  # nothing sent
+            batch = read_import_file(args.file, settings.max_id_length, sys.stdout)
+            if batch is None:
+                return 1  # refused before sending anything
             written = stub.BatchUpsertDiscountRules(
                 admin_pb2.BatchUpsertDiscountRulesRequest(rules=[rule_to_proto(r) for r in batch]),
                 metadata=metadata,
