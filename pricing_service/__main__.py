@@ -19,6 +19,11 @@ from pricing_service.workers import fork_workers
 
 log = structlog.get_logger("pricing_service")
 
+#: The health service name of the liveness probe (deploy/kubernetes/server.yaml): SERVING from
+#: start-up (rule index loaded, port open) to shutdown, independent of Redis; the overall
+#: status and the services' names follow Redis too (readiness).
+LIVENESS_SERVICE = "liveness"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -169,11 +174,16 @@ def serve(settings: Settings) -> int:
 
 
 async def _serve_one(settings: Settings, worker: int = 0) -> int:
-    from pricing_service.server import PricingServer  # noqa: PLC0415 - no gRPC before fork
+    from grpc_health.v1 import health_pb2  # noqa: PLC0415 - no gRPC before fork
+
+    from pricing_service.server import PricingServer  # noqa: PLC0415
 
     structlog.contextvars.bind_contextvars(worker=worker, pid=os.getpid())
     loop = asyncio.get_running_loop()
     async with PricingServer(settings) as server:
+        # liveness: SERVING while this process's loop answers, whatever its dependencies say
+        # (a Redis outage must not get every replica restarted: pages answer degraded then)
+        await server.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
         await server.run()

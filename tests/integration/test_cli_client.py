@@ -120,6 +120,9 @@ def test_health_exits_non_zero_when_not_serving(tmp_path: Path) -> None:
         sick = cli(env, "health")
         assert sick.returncode == 1, sick.stdout + server.log()
         assert health_lines(sick.stdout) == dict.fromkeys(SERVICES, "NOT_SERVING")
+        # the liveness probe's name stays SERVING: a Redis outage is no reason to restart
+        alive = cli(env, "health", "--service", "liveness")
+        assert alive.returncode == 0 and health_lines(alive.stdout) == {"liveness": "SERVING"}
     finally:
         server.terminate()
     gone = cli(env, "health", "--timeout", "1")
