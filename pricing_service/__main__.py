@@ -131,6 +131,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 async def _rules(settings: Settings, args: argparse.Namespace) -> int:
     import pricing_service.rules.cli as rules_cli  # noqa: PLC0415
 
+    connection_flags = (args.tls, args.plaintext, args.tls_ca_file, args.tls_cert_file,
+                        args.tls_server_name)  # fmt: skip
+    if not args.target and any(connection_flags):
+        print("pricing-service: connection flags need --target (without it, rules reads and "
+              "writes PRICING_RULE_STORE_URL directly)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.target:  # through the server's admin API
         from pricing_service import client_cli  # noqa: PLC0415
 

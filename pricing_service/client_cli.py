@@ -62,9 +62,12 @@ def open_channel(settings: Settings, args: argparse.Namespace) -> grpc.Channel:
     cert, key = args.tls_cert_file, args.tls_key_file
     if (cert is None) != (key is None):
         raise _usage("--tls-cert-file and --tls-key-file go together")
-    use_tls = not args.plaintext and bool(
-        args.tls or args.tls_ca_file or cert or args.tls_server_name or settings.tls_cert_file
-    )
+    tls_flags = bool(args.tls or args.tls_ca_file or cert or args.tls_server_name)
+    if args.plaintext and tls_flags:
+        raise _usage(
+            "--plaintext excludes --tls, --tls-ca-file, --tls-cert-file, --tls-server-name"
+        )
+    use_tls = not args.plaintext and (tls_flags or settings.tls_cert_file is not None)
     if not use_tls:
         return grpc.insecure_channel(target)
 

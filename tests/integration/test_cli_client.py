@@ -188,5 +188,9 @@ def test_cli_over_mutual_tls(redis_url: str, namespace: str, tmp_path: Path) -> 
         assert plain.returncode == 1 and plain.stderr.startswith("UNAVAILABLE"), plain
         half = cli(env, "health", "--tls-cert-file", str(certs.client_cert))
         assert half.returncode == 1 and "go together" in half.stderr
+        both = cli(env, "health", "--plaintext", "--tls-ca-file", str(certs.ca))
+        assert both.returncode == 1 and "--plaintext excludes" in both.stderr
+        no_target = cli(env, "rules", "list", "--seller", "42", "--tls-ca-file", str(certs.ca))
+        assert no_target.returncode == 2 and "need --target" in no_target.stderr
     finally:
         assert server.terminate() == 0, server.log()
