@@ -61,7 +61,7 @@ currencies: $(STAMP)
 check-deploy: $(STAMP)
 	promtool check rules deploy/prometheus/alerts.yml
 	cd deploy/prometheus && promtool test rules alerts.test.yml
-	promtool check config --syntax-only deploy/prometheus/prometheus.yml
+	promtool check config deploy/prometheus/prometheus.yml
 	$(VENV)/bin/kubernetes-validate -k $(K8S_VERSION) --strict --quiet $(K8S_FILES)
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
 	$(PY) -m json.tool deploy/grafana/crowd-pricing.json >/dev/null
