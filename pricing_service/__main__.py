@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from pricing_service.client_flags import add_client_flags
 from pricing_service.config import Settings, load_settings
 from pricing_service.errors import ConfigError, PricingError
 from pricing_service.logging import configure_logging
@@ -18,6 +19,11 @@ from pricing_service.runtime import select_runtime
 from pricing_service.workers import fork_workers
 
 log = structlog.get_logger("pricing_service")
+
+#: The health service name of the liveness probe (deploy/kubernetes/server.yaml): SERVING from
+#: start-up (rule index loaded, port open) to shutdown, independent of Redis; the overall
+#: status and the services' names follow Redis too (readiness).
+LIVENESS_SERVICE = "liveness"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=None, help="override PRICING_LISTEN")
     sub.add_parser("migrate", help="apply rule store schema migrations and exit")
 
-    rules = sub.add_parser("rules", help="manage discount rules in the rule store")
+    rules = sub.add_parser(
+        "rules",
+        help="manage discount rules: in the rule store (PRICING_RULE_STORE_URL), or with "
+        "--target through a running server's admin API (PRICING_ADMIN_TOKEN)",
+    )
     rsub = rules.add_subparsers(dest="rules_command", required=True)
     imp = rsub.add_parser("import", help="upsert rules from a JSON-lines or CSV file, atomically")
     imp.add_argument("file")
@@ -48,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ls = rsub.add_parser("list", help="list rules by seller and/or item")
     ls.add_argument("--seller", default="")
     ls.add_argument("--item", default="")
+    for cmd in (imp, up, ls):
+        add_client_flags(cmd)
 
     price = sub.add_parser("price", help="ask a running server for a buyer's prices")
     price.add_argument("--user", default="", help="buyer id (empty = anonymous)")
@@ -56,13 +68,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     price.add_argument("--currency", default="CNY", help="currency of list prices")
     price.add_argument("--explain", action="store_true")
-    price.add_argument("--target", default=None, help="server address (default PRICING_LISTEN)")
+    add_client_flags(price)
     check = sub.add_parser("check", help="ask a running server for a strict checkout decision")
     check.add_argument("--user", required=True)
     check.add_argument("--item", required=True)
     check.add_argument("--expected-price", default=None, help="decimal, e.g. 18.88")
     check.add_argument("--currency", default="CNY")
-    check.add_argument("--target", default=None)
+    add_client_flags(check)
+    health = sub.add_parser(
+        "health",
+        help="print the health of a running server's services; exit 1 unless all are SERVING",
+    )
+    health.add_argument(
+        "--service",
+        action="append",
+        default=None,
+        help="a service name to check (repeatable; default: overall, PricingService, "
+        "DiscountAdminService)",
+    )
+    add_client_flags(health)
     return p
 
 
@@ -99,13 +123,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             from pricing_service import client_cli  # noqa: PLC0415
 
             sys.exit(client_cli.run(settings, args))
+        elif command == "health":
+            from pricing_service import client_cli  # noqa: PLC0415
+
+            sys.exit(client_cli.health(settings, args))
     except PricingError as exc:
-        print(f"pricing-service: {exc.reason}: {exc.message}", file=sys.stderr)
+        if command == "serve":  # a log line like every other line of the server (JSON)
+            log.error("server_failed", reason=exc.reason, message=exc.message)  # noqa: TRY400
+        else:
+            print(f"pricing-service: {exc.reason}: {exc.message}", file=sys.stderr)
         sys.exit(1)
 
 
 async def _rules(settings: Settings, args: argparse.Namespace) -> int:
     import pricing_service.rules.cli as rules_cli  # noqa: PLC0415
+
+    connection_flags = (args.tls, args.plaintext, args.tls_ca_file, args.tls_cert_file,
+                        args.tls_server_name)  # fmt: skip
+    if not args.target and any(connection_flags):
+        print("pricing-service: connection flags need --target (without it, rules reads and "
+              "writes PRICING_RULE_STORE_URL directly)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.target:  # through the server's admin API
+        from pricing_service import client_cli  # noqa: PLC0415
+
+        return await asyncio.to_thread(client_cli.rules, settings, args)
 
     if args.rules_command == "import":
         return await rules_cli.import_rules(settings, args.file, args.actor)
@@ -145,11 +187,16 @@ def serve(settings: Settings) -> int:
 
 
 async def _serve_one(settings: Settings, worker: int = 0) -> int:
-    from pricing_service.server import PricingServer  # noqa: PLC0415 - no gRPC before fork
+    from grpc_health.v1 import health_pb2  # noqa: PLC0415 - no gRPC before fork
+
+    from pricing_service.server import PricingServer  # noqa: PLC0415
 
     structlog.contextvars.bind_contextvars(worker=worker, pid=os.getpid())
     loop = asyncio.get_running_loop()
     async with PricingServer(settings) as server:
+        # liveness: SERVING while this process's loop answers, whatever its dependencies say
+        # (a Redis outage must not get every replica restarted: pages answer degraded then)
+        await server.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
         await server.run()

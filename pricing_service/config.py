@@ -6,12 +6,21 @@ Invalid configuration fails at start-up with a :class:`ConfigError` naming the v
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from typing import Final, Literal
 from urllib.parse import unquote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pricing_service.errors import ConfigError
@@ -138,6 +147,11 @@ class Settings(BaseSettings):
         "hands every batch over (measured slower under load: docs/BENCHMARKS.md)",
     )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus port (0 = off)")
+    metrics_addr: str = Field(
+        "",
+        description="Address the Prometheus endpoint binds (an IP such as 0.0.0.0 or ::, or a "
+        "host name); empty = 127.0.0.1 when PRICING_LISTEN is a loopback address, else 0.0.0.0",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token(s) for DiscountAdminService, comma-separated to rotate"
     )
@@ -209,6 +223,11 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="sync-worker consume: Prometheus port (0 = off)"
     )
+    worker_metrics_addr: str = Field(
+        "127.0.0.1",
+        description="sync-worker consume: address the Prometheus endpoint binds (0.0.0.0 or :: "
+        "in a container, to be scraped from outside it)",
+    )
     events_stream: str = Field("pricing:relation-events", description="Relation event stream")
     event_partitions: int = Field(
         1,
@@ -263,6 +282,26 @@ class Settings(BaseSettings):
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051 or [::]:50051")
         return v
 
+    @field_validator("metrics_addr", "worker_metrics_addr")
+    @classmethod
+    def _bind_host(cls, v: str, info: ValidationInfo) -> str:
+        if v == "" and info.field_name == "metrics_addr":
+            return v
+        if not is_bind_host(v):
+            raise ValueError(
+                f"{v!r} is not an address to bind: an IP address (0.0.0.0, ::, 10.0.0.5) or a "
+                "host name, without a port"
+            )
+        return v.strip("[]")
+
+    def metrics_host(self) -> str:
+        """Where the server's metrics endpoint binds (``PRICING_METRICS_ADDR``, else derived
+        from ``PRICING_LISTEN``: loopback stays on loopback)."""
+        if self.metrics_addr:
+            return self.metrics_addr
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return "127.0.0.1" if host.startswith("127.") or host in ("localhost", "::1") else "0.0.0.0"
+
     @model_validator(mode="after")
     def _tls_files(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -298,6 +337,22 @@ class Settings(BaseSettings):
 
     def read_tokens(self) -> frozenset[str]:
         return _tokens(self.read_token)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_bind_host(value: str) -> bool:
+    """An IP address (IPv6 optionally in brackets) or a syntactically valid host name."""
+    host = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if host != value or not host or len(host) > 253:
+        return False
+    return all(_HOST_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
 
 
 def _tokens(secret: SecretStr | None) -> frozenset[str]:

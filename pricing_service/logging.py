@@ -1,5 +1,10 @@
 """structlog, configured once per process: JSON off a terminal, console on one.
 
+The standard library's loggers (asyncio, psycopg, grpc, redis, ``warnings``) go through the
+same processors and renderer (structlog's ``ProcessorFormatter`` on the root logger), so every
+line a process writes is one JSON object off a terminal: ``event`` is the message, ``logger``
+the stdlib logger's name, exceptions a ``exception`` field.
+
 The JSON path is on every RPC (the canonical ``rpc_finished`` line), so it is kept cheap:
 orjson renders, and the timestamp reuses the formatted second (measured with
 ``bench.hotpath`` and py-spy: this halved the cost of the line).
@@ -47,7 +52,22 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level, stream=out, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # warnings.warn(...) -> the "py.warnings" logger -> JSON (off, then on: installs the hook
+    # again even where something replaced warnings.showwarning since an earlier call)
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 _second: list[Any] = [-1, ""]  # [epoch second, its "YYYY-MM-DDTHH:MM:SS" form]

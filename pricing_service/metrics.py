@@ -1,13 +1,63 @@
-"""Prometheus metrics of one process, in a registry of its own (no global state)."""
+"""Prometheus metrics of one process, in a registry of its own (no global state).
+
+The registry also carries the standard process and runtime collectors (``process_*``: RSS,
+CPU, open files; ``python_gc_*``; ``python_info``), which prometheus_client registers only on
+its global default registry. Labelled counters with a closed set of label values start at 0
+for each (a series that first appears at 1 hides that increase from ``rate()`` and alerts).
+"""
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from pricing.v1 import admin_pb2, pricing_pb2
+
+#: The methods of the two services (the ``method`` label: the short name).
+SERVED_METHODS = tuple(
+    m.name
+    for f in (pricing_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR)
+    for svc in f.services_by_name.values()
+    for m in svc.methods
+)
+#: Why a page answered list prices (``pricing_degraded_answers_total{cause}``).
+DEGRADED_CAUSES = (
+    "timeout",
+    "redis_error",
+    "breaker_open",
+    "rule_store_timeout",
+    "rule_store_error",
+    "rule_breaker_open",
+)
+#: Why CheckDiscountStrict refused (``pricing_strict_refusals_total{reason}``).
+STRICT_REFUSAL_REASONS = (
+    "SYNC_LAGGING",
+    "SYNC_WATERMARK_MISSING",
+    "REDIS_UNAVAILABLE",
+    "REDIS_TIMEOUT",
+    "RULE_STORE_TIMEOUT",
+)
+#: Membership read anomalies (``pricing_membership_read_anomalies_total{reason}``).
+ANOMALY_REASONS = ("no_record", "corrupt_value", "wrong_type")
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """``process_*``, ``python_gc_*`` and ``python_info`` on ``registry`` (read at scrape)."""
+    for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+        registry.register(collector)
+
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -94,6 +144,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        register_runtime_collectors(r)
         self.rpc_latency = LatencyHistogram(
             "pricing_rpc_latency_seconds",
             "RPC latency",
@@ -172,6 +223,17 @@ class Metrics:
             "1 while the breaker of rule-index miss reads is open",
             registry=r,
         )
+
+        # INTERNAL from the first scrape on, per method: the alert on INTERNAL > 0 sees the
+        # first one (a series born at 1 has no increase to see)
+        for method in SERVED_METHODS:
+            self.rpc_latency.child(method, "INTERNAL")
+        for cause in DEGRADED_CAUSES:
+            self.degraded_answers.labels(cause)
+        for reason in STRICT_REFUSAL_REASONS:
+            self.strict_refusals.labels(reason)
+        for reason in ANOMALY_REASONS:
+            self.membership_anomalies.labels(reason)
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """One RPC: ``pricing_rpc_requests_total`` and ``pricing_rpc_latency_seconds``."""

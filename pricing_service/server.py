@@ -142,7 +142,7 @@ class PricingServer:
         if self._metrics_port:
             httpd, _thread = start_http_server(
                 self._metrics_port,
-                addr="127.0.0.1" if s.listen.startswith("127.") else "0.0.0.0",
+                addr=s.metrics_host(),
                 registry=self.metrics.registry,
             )
             stack.callback(httpd.shutdown)

@@ -91,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             code = asyncio.run(_status(settings))
     except PricingError as exc:
-        print(f"sync-worker: {exc.reason}: {exc.message}", file=sys.stderr)
+        if args.command == "consume":  # a log line like every other line of the consumer
+            log.error("consumer_failed", reason=exc.reason, message=exc.message)  # noqa: TRY400
+        else:
+            print(f"sync-worker: {exc.reason}: {exc.message}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 130
@@ -223,7 +226,9 @@ async def _consume(settings: Settings) -> int:
                 return [(c.stream, c.stats) for c in consumer.consumers]
             return [(settings.events_stream, consumer.stats)]
 
-        stop_metrics = serve_metrics(settings.worker_metrics_port, stats)
+        stop_metrics = serve_metrics(
+            settings.worker_metrics_port, stats, addr=settings.worker_metrics_addr
+        )
     try:
         async with consumer:
             loop = asyncio.get_running_loop()

@@ -10,6 +10,8 @@ an UPPER_SNAKE reason:
 * ``MISSING_USER_ID`` / ``MISSING_SELLER_ID`` / ``ID_TOO_LONG`` / ``INVALID_ID`` - bad ids
   (the server's id rule: non-empty, at most ``max_id_length``, printable);
 * ``MISSING_OCCURRED_AT`` - no ``occurred_at``;
+* ``INVALID_OCCURRED_AT`` - an ``occurred_at`` outside the Timestamp spec (``nanos`` outside
+  0..999,999,999, ``seconds`` outside years 1..9999): no instant to version a record with;
 * ``FUTURE_EVENT`` - ``occurred_at`` later than now + :data:`CLOCK_SKEW_MS`; such an event would
   win every later last-writer-wins comparison until its date.
 
@@ -33,6 +35,7 @@ from pricing_service.errors import InvalidArgumentError
 from pricing_service.membership import derive
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import EPOCH_MS
+from pricing_service.servicers.convert import timestamp_to_ms
 from sync_worker.common import TimeFormatError, id_problem, parse_rfc3339_ms
 
 #: How far in the future (by the worker's clock) an event's ``occurred_at`` may be.
@@ -95,7 +98,10 @@ def validate_event(
             raise PoisonEntry(problem, f"{name} {value[:40]!r}... is not a valid id")
     if not ev.HasField("occurred_at"):
         raise PoisonEntry("MISSING_OCCURRED_AT", "occurred_at is not set")
-    occurred = ev.occurred_at.seconds * 1000 + ev.occurred_at.nanos // 1_000_000
+    try:
+        occurred = timestamp_to_ms(ev.occurred_at, "occurred_at")
+    except InvalidArgumentError as exc:
+        raise PoisonEntry("INVALID_OCCURRED_AT", exc.message) from None
     if occurred > now_ms + CLOCK_SKEW_MS:
         raise PoisonEntry(
             "FUTURE_EVENT", f"occurred_at is {occurred - now_ms} ms in the future (clock skew?)"

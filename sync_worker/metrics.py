@@ -1,7 +1,9 @@
-"""Prometheus metrics of ``sync-worker consume`` (``PRICING_WORKER_METRICS_PORT``).
+"""Prometheus metrics of ``sync-worker consume`` (``PRICING_WORKER_METRICS_PORT``, bound to
+``PRICING_WORKER_METRICS_ADDR``).
 
 Exported from the consumers' own counters at scrape time (a custom collector: nothing on the
-hot path), one sample per stream partition.
+hot path), one sample per stream partition, plus the process and runtime collectors
+(``process_*``, ``python_gc_*``, ``python_info``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pricing_service.metrics import register_runtime_collectors
 from sync_worker.consumer import ConsumerStats
 
 _COUNTERS = {
@@ -49,6 +52,11 @@ class ConsumerCollector(Collector):
             for stream, st in snapshot:
                 family.add_metric([stream], float(getattr(st, attr)))
             yield family
+        dead_total = CounterMetricFamily(
+            "sync_dead_letters",
+            "Entries sent to the dead-letter stream, all reasons (0 from the start: alert on it)",
+            labels=["stream"],
+        )
         dead = CounterMetricFamily(
             "sync_dead_lettered",
             "Entries sent to the dead-letter stream",
@@ -63,8 +71,10 @@ class ConsumerCollector(Collector):
         for stream, st in snapshot:
             for reason, n in st.dead_lettered.items():
                 dead.add_metric([stream, reason], float(n))
+            dead_total.add_metric([stream], float(sum(st.dead_lettered.values())))
             lag.add_metric([stream], float(st.lag_ms))
             pending.add_metric([stream], float(st.pending))
+        yield dead_total
         yield dead
         yield lag
         yield pending
@@ -75,6 +85,7 @@ def serve_metrics(
 ) -> Callable[[], None]:
     """Start the HTTP endpoint; returns the function that stops it."""
     registry = CollectorRegistry()
+    register_runtime_collectors(registry)
     registry.register(ConsumerCollector(stats))
     httpd, _thread = start_http_server(port, addr=addr, registry=registry)
     return httpd.shutdown

@@ -104,34 +104,45 @@ def read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-async def import_rules(
-    settings: Settings, path: str | Path, actor: str, out: TextIO | None = None
-) -> int:
-    """Validate every row, then upsert them all in one transaction (all or nothing)."""
-    out = out or sys.stdout
+def read_import_file(path: str | Path, max_id_length: int, out: TextIO) -> list[Rule] | None:
+    """Every row of an import file as a rule, or ``None`` after printing why the file is
+    refused (unreadable, empty, too long, or each bad row's fields)."""
     p = Path(path)
     try:
         rows = read_rows(p)
     except OSError as exc:
         print(f"cannot read {p}: {exc.strerror}", file=out)
-        return 1
+        return None
     except InvalidArgumentError as exc:
-        return _report(out, exc.violations)
+        report(out, exc.violations)
+        return None
     if not rows:
         print(f"refused: {p} holds no rules", file=out)
-        return 1
+        return None
     if len(rows) > MAX_IMPORT_ROWS:
         print(f"refused: {len(rows)} rows exceed the limit of {MAX_IMPORT_ROWS}", file=out)
-        return 1
+        return None
     rules: list[Rule] = []
     problems: list[FieldViolation] = []
     for label, row in rows:
         try:
-            rules.append(rule_from_human(row, label, max_id_length=settings.max_id_length))
+            rules.append(rule_from_human(row, label, max_id_length=max_id_length))
         except InvalidArgumentError as exc:
             problems.extend(exc.violations)
     if problems:
-        return _report(out, problems)
+        report(out, problems)
+        return None
+    return rules
+
+
+async def import_rules(
+    settings: Settings, path: str | Path, actor: str, out: TextIO | None = None
+) -> int:
+    """Validate every row, then upsert them all in one transaction (all or nothing)."""
+    out = out or sys.stdout
+    rules = read_import_file(path, settings.max_id_length, out)
+    if rules is None:
+        return 1
     sellers = sorted({r.seller_id for r in rules})
     store = await open_rule_store(settings)
     try:
@@ -139,7 +150,7 @@ async def import_rules(
         try:
             written = await store.upsert_many(rules, actor)
         except PricingError as exc:
-            return _report(out, exc.violations or [FieldViolation("", exc.message, exc.reason)])
+            return report(out, exc.violations or [FieldViolation("", exc.message, exc.reason)])
         after = max([before, *(r.revision for r in written)])
     finally:
         await store.close()
@@ -152,7 +163,7 @@ async def import_rules(
     return 0
 
 
-def _report(out: TextIO, problems: list[FieldViolation]) -> int:
+def report(out: TextIO, problems: list[FieldViolation]) -> int:
     print(f"refused, nothing written ({len(problems)} problem(s)):", file=out)
     for v in problems[:MAX_REPORTED_ERRORS]:
         print(f"  {v.field}: {v.reason}: {v.description}", file=out)

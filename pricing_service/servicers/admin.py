@@ -21,7 +21,12 @@ from pricing_service.domain import Clock, Rule
 from pricing_service.errors import InvalidArgumentError, UnauthenticatedError
 from pricing_service.rules.store import RuleChange, RuleStore
 from pricing_service.rules.validation import BatchIn, RuleIn, validate
-from pricing_service.servicers.convert import money_to_proto, ms_to_timestamp, require_id
+from pricing_service.servicers.convert import (
+    money_to_proto,
+    ms_to_timestamp,
+    require_id,
+    timestamp_to_ms,
+)
 
 log = structlog.get_logger("pricing_service.admin")
 
@@ -56,10 +61,9 @@ def rule_to_dict(m: admin_pb2.DiscountRule, field: str = "rule") -> dict[str, An
     }
     if m.HasField("price"):
         d["price"] = {"currency_code": m.price.currency_code, "amount_minor": m.price.amount_minor}
-    if m.HasField("start_time"):
-        d["start_time"] = m.start_time.seconds * 1000 + m.start_time.nanos // 1_000_000
-    if m.HasField("end_time"):
-        d["end_time"] = m.end_time.seconds * 1000 + m.end_time.nanos // 1_000_000
+    for when in ("start_time", "end_time"):
+        if m.HasField(when):
+            d[when] = timestamp_to_ms(getattr(m, when), f"{field}.{when}")
     return d
 
 

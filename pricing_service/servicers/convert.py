@@ -50,6 +50,35 @@ def money_to_proto(m: Money, out: common_pb2.Money) -> None:
     out.amount_minor = m.amount_minor
 
 
+#: The range of ``google.protobuf.Timestamp`` (0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z).
+TIMESTAMP_MIN_SECONDS = -62_135_596_800
+TIMESTAMP_MAX_SECONDS = 253_402_300_799
+MAX_NANOS = 999_999_999
+
+
+def timestamp_to_ms(ts: Timestamp, field: str) -> int:
+    """UTC milliseconds of a request's Timestamp, refusing one outside the protobuf spec.
+
+    ``nanos`` must be 0..999,999,999 and ``seconds`` within years 1..9999: anything else is no
+    instant (``{S, nanos: -1}`` would otherwise be read as S - 1 ms), refused with the field
+    (``rule.end_time.nanos``) named.
+    """
+    if not 0 <= ts.nanos <= MAX_NANOS:
+        raise InvalidArgumentError.field(
+            field + ".nanos",
+            f"must be between 0 and {MAX_NANOS}, got {ts.nanos}",
+            "INVALID_TIMESTAMP",
+        )
+    if not TIMESTAMP_MIN_SECONDS <= ts.seconds <= TIMESTAMP_MAX_SECONDS:
+        raise InvalidArgumentError.field(
+            field + ".seconds",
+            f"must be within 0001-01-01 and 9999-12-31 ({TIMESTAMP_MIN_SECONDS}.."
+            f"{TIMESTAMP_MAX_SECONDS}), got {ts.seconds}",
+            "INVALID_TIMESTAMP",
+        )
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
 def ms_to_timestamp(ms: int, out: Timestamp) -> None:
     out.seconds, millis = divmod(ms, 1000)
     out.nanos = millis * 1_000_000

@@ -93,6 +93,19 @@ def test_poison_reasons() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(NOW // 1000, -1), (NOW // 1000, 1_000_000_000), (253_402_300_800, 0), (-62_135_596_801, 0)],
+)
+def test_occurred_at_outside_the_timestamp_spec_is_poison(seconds: int, nanos: int) -> None:
+    ev = make_event(FOLLOW, "u1", "42", NOW)
+    ev.occurred_at.seconds, ev.occurred_at.nanos = seconds, nanos
+    assert reason_of(entry(ev)) == "INVALID_OCCURRED_AT"
+    ev.occurred_at.nanos = 999_999_999  # the largest valid nanos: applied, version S.999
+    ev.occurred_at.seconds = NOW // 1000 - 1
+    assert decode(entry(ev)).occurred_ms == NOW - 1  # type: ignore[attr-defined]
+
+
 def test_small_clock_skew_is_accepted_and_pre_epoch_events_are_expired() -> None:
     ev = decode(entry(make_event(FOLLOW, "u1", "42", NOW + CLOCK_SKEW_MS)))
     assert not ev.expired  # type: ignore[attr-defined]
