@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     # --- server ---------------------------------------------------------------------------
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port")
     server_runtime: Literal["grpcio-aio", "native"] = Field(
-        "grpcio-aio",
+        "native",
         description="gRPC server runtime: grpcio-aio (grpcio's asyncio server; TLS) or native "
         "(pygrpc-native: HTTP/2 and call handling in Rust outside the GIL; no TLS)",
     )

@@ -37,6 +37,7 @@ from pricing_service.errors import (
     PricingError,
     ResourceExhaustedError,
 )
+from pricing_service.logging import canonical_line
 from pricing_service.metrics import Metrics
 from pricing_service.ratelimit import RateLimiter, caller_identity
 
@@ -125,6 +126,8 @@ class RpcPipeline:
         self._max = max_concurrent_rpcs
         self._in_flight = 0
         self._log_rpcs = log_rpcs
+        # the canonical line without structlog's processor chain where logging is JSON
+        self._line: Any = canonical_line() or log
 
     @property
     def in_flight(self) -> int:
@@ -200,7 +203,7 @@ class RpcPipeline:
                 elapsed = time.perf_counter() - start
                 metrics.observe_rpc(short, code.name, elapsed)
                 if self._log_rpcs:
-                    log.info(
+                    self._line.info(
                         "rpc_finished",
                         method=method,
                         code=code.name,

@@ -7,7 +7,10 @@ the stdlib logger's name, exceptions a ``exception`` field.
 
 The JSON path is on every RPC (the canonical ``rpc_finished`` line), so it is kept cheap:
 orjson renders, and the timestamp reuses the formatted second (measured with
-``bench.hotpath`` and py-spy: this halved the cost of the line).
+``bench.hotpath`` and py-spy: this halved the cost of the line). The canonical line itself
+skips structlog's processor chain (:class:`CanonicalLine`, 13.8 -> ~3 us per RPC): the same
+JSON object (the context variables, ``level``, ``timestamp``, the fields, ``event``) written by
+one function, wherever this configuration would write an INFO line as JSON.
 """
 
 from __future__ import annotations
@@ -68,6 +71,36 @@ def configure_logging(
     # again even where something replaced warnings.showwarning since an earlier call)
     logging.captureWarnings(False)
     logging.captureWarnings(True)
+    global _canonical  # noqa: PLW0603 - logging is configured once per process, like structlog
+    enabled = logging.getLevelName(level) <= logging.INFO
+    _canonical = CanonicalLine(out) if enabled and not use_console else None
+
+
+class CanonicalLine:
+    """Writes an INFO line as this module's JSON configuration does, without structlog's
+    processor chain: for the one line every RPC writes (``rpc_finished``)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._write = out.write
+        self._flush = out.flush
+
+    def info(self, event: str, **fields: Any) -> None:
+        line = structlog.contextvars.get_contextvars()  # merge_contextvars
+        line.update(fields)
+        line["event"] = event
+        line["level"] = "info"  # add_log_level
+        utc_timestamp(None, "info", line)
+        self._write(_orjson_dumps(line) + "\n")  # one write per line (see configure_logging)
+        self._flush()
+
+
+_canonical: CanonicalLine | None = None
+
+
+def canonical_line() -> CanonicalLine | None:
+    """The fast writer of the configured JSON logging, or None (console, level above INFO, or
+    not configured: then log through structlog)."""
+    return _canonical
 
 
 _second: list[Any] = [-1, ""]  # [epoch second, its "YYYY-MM-DDTHH:MM:SS" form]

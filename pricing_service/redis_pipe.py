@@ -45,6 +45,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: Commands waiting for their replies, across all callers, before new calls fail fast.
 DEFAULT_MAX_PENDING = 10_000
+#: HMGET field lists whose RESP :meth:`PipelinedReader.hmget` keeps (cleared when full).
+MAX_MEMOISED_FIELD_LISTS = 4_096
 
 
 def encode_command(args: tuple[bytes | str, ...]) -> bytes:
@@ -139,6 +141,7 @@ class PipelinedReader:
         self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self._tails: dict[tuple[bytes | str, ...], bytes] = {}
 
     @classmethod
     def from_client(cls, client: aioredis.Redis) -> PipelinedReader:
@@ -174,12 +177,27 @@ class PipelinedReader:
     async def hmget(
         self, key: bytes | str, fields: Sequence[bytes | str], *, timeout: float | None = None
     ) -> list[bytes | None]:
-        reply: list[bytes | None] = await self.execute(b"HMGET", key, *fields, timeout=timeout)
+        """``HMGET key field...``; the encoded fields are memoised (a page asks for the same
+        few field lists again and again: their RESP is half of the command's cost)."""
+        names = fields if type(fields) is tuple else tuple(fields)
+        tail = self._tails.get(names)
+        if tail is None:
+            tail = encode_command(names)[len(b"*%d\r\n" % len(names)) :]
+            if len(self._tails) >= MAX_MEMOISED_FIELD_LISTS:
+                self._tails.clear()
+            self._tails[names] = tail
+        k = key.encode() if isinstance(key, str) else key
+        head = b"*%d\r\n$5\r\nHMGET\r\n$%d\r\n%b\r\n" % (len(names) + 2, len(k), k)
+        reply: list[bytes | None] = await self._send(head + tail, timeout)
         return reply
 
     async def execute(self, *args: bytes | str, timeout: float | None = None) -> Any:
         """Send one command, wait for its reply: at most ``timeout`` seconds (then
         ``TimeoutError``, as from ``asyncio.timeout``), and no longer than the caller waits."""
+        return await self._send(encode_command(args), timeout)
+
+    async def _send(self, command: bytes, timeout: float | None) -> Any:
+        """:meth:`execute` of a command already in RESP."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         proto = self._proto
@@ -205,7 +223,7 @@ class PipelinedReader:
         fut: asyncio.Future[Any] = loop.create_future()
         pending.append((fut, now))
         assert proto.transport is not None
-        proto.transport.write(encode_command(args))
+        proto.transport.write(command)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), fut))
             timer = self._timer

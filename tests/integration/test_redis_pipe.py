@@ -30,6 +30,42 @@ def test_encode_command_is_resp() -> None:
     )
 
 
+async def test_hmget_memoised_fields_answer_as_redis_py(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    """The memoised RESP of a field list is the same command every time: the same replies as
+    redis-py's own HMGET, for str and bytes keys and fields (unicode, CR/LF, empty), lists and
+    tuples, a field list asked again under another key, and after the memo is cleared."""
+    from pricing_service import redis_pipe  # noqa: PLC0415
+
+    fields: list[list[bytes | str]] = [
+        [b"a", "b", "\u00e9t\u00e9", b"x\r\ny", b""],
+        ["a"],
+        [b"b", b"a", b"b"],
+        [f"f{i}" for i in range(40)],
+    ]
+    keys: list[bytes | str] = ["k:1", b"k:2", "k:\u00fc"]
+    for k in keys:
+        await client.hset(k, mapping={"a": b"A", "b": b"B", "\u00e9t\u00e9": b"E", "f7": b"7"})
+    reader = PipelinedReader.from_client(client)
+    try:
+        for _round in range(2):
+            for k in keys:
+                for f in fields:
+                    want = await client.hmget(k, f)
+                    assert await reader.hmget(k, f) == want
+                    assert await reader.hmget(k, tuple(f)) == want
+            redis_pipe.MAX_MEMOISED_FIELD_LISTS, saved = 1, redis_pipe.MAX_MEMOISED_FIELD_LISTS
+            try:
+                assert await reader.hmget(keys[0], fields[0]) == await client.hmget(
+                    keys[0], fields[0]
+                )
+            finally:
+                redis_pipe.MAX_MEMOISED_FIELD_LISTS = saved
+    finally:
+        await reader.aclose()
+
+
 @pytest.fixture
 async def client(private_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
     c = make_redis(load_settings(redis_url=private_redis.url))

@@ -112,3 +112,35 @@ async def test_canonical_line_carries_the_request_id(
     assert len(set(generated)) == 6
     assert all(len(r) == 32 and int(r, 16) >= 0 for r in generated)
     assert "request_id" not in structlog.contextvars.get_contextvars()  # reset after each call
+
+
+def test_the_canonical_line_is_the_line_structlog_writes(
+    monkeypatch: pytest.MonkeyPatch, restore: None
+) -> None:
+    """The fast writer of the per-RPC line (no processor chain) writes the same JSON object as
+    ``log.info`` under the same configuration: context variables, fields, event, level, a
+    timestamp of the same form; one write per line. Not there on a console or above INFO."""
+    from pricing_service.logging import canonical_line  # noqa: PLC0415
+
+    stream = configure_into(monkeypatch, "INFO")
+    line = canonical_line()
+    assert line is not None
+    tokens = structlog.contextvars.bind_contextvars(request_id="r-1", rpc="BatchGetLowestPrice")
+    try:
+        fields = {"method": "/pricing.v1.PricingService/BatchGetLowestPrice", "code": "OK",
+                  "duration_ms": 1.25, "reason": "X"}  # fmt: skip
+        structlog.get_logger("pricing_service.rpc").info("rpc_finished", **fields)
+        line.info("rpc_finished", **fields)
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
+    assert len(stream.writes) == 2 and all(w.count("\n") == 1 for w in stream.writes)
+    slow, fast = (json.loads(w) for w in stream.writes)
+    assert slow.pop("timestamp")[:16] == fast.pop("timestamp")[:16]  # same minute, same form
+    assert slow == fast
+    assert fast["request_id"] == "r-1" and fast["level"] == "info"
+    configure_into(monkeypatch, "WARNING")
+    assert canonical_line() is None
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    configure_logging("INFO", "console")
+    monkeypatch.undo()
+    assert canonical_line() is None
