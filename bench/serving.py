@@ -588,9 +588,10 @@ def run(
         )
         curves: dict[str, list[Point]] = {}
         for rt, s in servers.items():
-            curves[f"server/{rt}"] = [s.peak, *s.points.values()]
+            curves[f"server/{rt}"] = [s.peak, *s.points.values(), *([s.paced] if s.paced else [])]
         for rt, e in echoes.items():
-            curves[f"echo/{rt}"] = [e.peak, *e.points.values()]
+            paced = [e.paced_at_server_rate] if e.paced_at_server_rate else []
+            curves[f"echo/{rt}"] = [e.peak, *e.points.values(), *paced]
         plot(Path(args.plot), title, curves)
         out["plot"] = args.plot
     return out

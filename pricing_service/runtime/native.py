@@ -11,33 +11,21 @@ bidirectional stream, unknown methods) it passes to a ``grpc.aio`` server on a p
 socket behind it, with the same pipeline as its interceptor: health and reflection behave
 exactly as on the ``grpcio-aio`` runtime.
 
-How calls reach the loop (``PRICING_NATIVE_PUMP``)
----------------------------------------------------
-``thread`` is how pygrpc-native's own asyncio adapter works: a Python thread blocks in
-``recv_batch_details`` and hands every batch to the loop with ``call_soon_threadsafe``.
-Measured under open-loop load (docs/BENCHMARKS.md, "the open-loop collapse"), that thread
-is the cause of the collapse: while the loop runs Python, a thread holding new calls must
-wait for the GIL, and CPython hands it over only after the switch interval (5 ms) by forcing
-the loop to drop it; at 70 % of the peak the loop is rarely idle, so batches wait 5-65 ms,
-grow, and the loop falls behind until pages miss their membership budget.
-
-``loop`` (the default) takes the thread out of the hot path: the event loop's selector is
-wrapped so that, every time the loop is about to wait for I/O, it first takes the calls that
-are ready itself with a non-blocking receive, and while calls are in flight it waits at most
-:data:`BUSY_POLL_S` before looking again. Only when no call is in flight does the thread get
-to block in ``recv_batch_details`` for the loop (the GIL is free then: the loop sleeps in
-``epoll``); it hands over one batch and parks again until the loop is next idle, so it never
-holds calls while the loop is busy.
+How calls reach the loop, and a drain
+-------------------------------------
+``pricing_service.runtime.native_pump`` moves call events to the loop (``PRICING_NATIVE_PUMP``).
+The front's I/O threads run under ``SCHED_BATCH`` (``PRICING_NATIVE_IO_POLICY``), so an answer
+that wakes one does not preempt the loop. pygrpc-native 0.5 has no graceful close (its
+``close()`` ends open streams and drops answers not yet written), so a drain serves every call
+until none has been in flight for a few milliseconds (:meth:`NativeServer._idle_now`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,19 +47,11 @@ from pricing_service.interceptors import (
     tolerant,
 )
 from pricing_service.runtime import ServerParts
+from pricing_service.runtime.native_pump import BATCH, Pump
 
 log = structlog.get_logger("pricing_service.runtime")
 
 NAME = "native"
-#: Events taken from the front at a time (the loop serves its other work in between).
-BATCH = 64
-#: Longest wait for I/O before the loop looks for new calls again, while calls are in flight.
-BUSY_POLL_S = 0.001
-#: While the loop has work queued, it looks for new calls at most this often (a look that
-#: finds none costs ~3 us; the loop iterates several times per call).
-BUSY_POLL_GAP_S = 0.0002
-#: The waker thread's receive timeout: how often it looks whether the loop still sleeps.
-WAKER_TIMEOUT_MS = 20
 #: How often a drain looks for the moment nothing is in flight.
 DRAIN_POLL_S = 0.001
 #: How long nothing must have arrived, been in flight or been answered before a drain closes
@@ -169,7 +149,7 @@ class NativeServer:
         self._stopping = False
         self._fallback: grpc.aio.Server | None = None
         self._fallback_dir: str | None = None
-        self._pump: _Pump | None = None
+        self._pump: Pump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: answers waiting for the loop's next wait (loop pump), else None: answered at once
         self._answers: list[tuple[int, bytes]] | None = None
@@ -209,7 +189,7 @@ class NativeServer:
         self._methods = table  # type: ignore[assignment]  # every id the front returned is set
         if pipeline is not None:
             _FrontMetrics(front, pipeline.metrics.registry)
-        self._pump = _Pump(front, loop, self._on_events, self, parts.settings.native_pump)
+        self._pump = Pump(front, loop, self._on_events, self, parts.settings.native_pump)
         if self._pump.mode == "loop":
             self._answers = []
         front.start()
@@ -270,7 +250,7 @@ class NativeServer:
             out = self._answers
             if out is None:
                 front.respond(call_id, data)
-            else:  # loop pump: answered together when the loop next waits (_Pump.select)
+            else:  # loop pump: answered together when the loop next waits (Pump.select)
                 out.append((call_id, data))
         except asyncio.CancelledError:
             if self._stopping:  # the grace period is over; a client that left gets nothing
@@ -341,148 +321,6 @@ class NativeServer:
             self._on_events(events)
             return not self._calls  # (cancellations only)
         return True
-
-
-class _Pump:
-    """Moves call events from the front to the loop (see the module docstring)."""
-
-    def __init__(
-        self,
-        front: NativeGrpcFront,
-        loop: asyncio.AbstractEventLoop,
-        deliver: Callable[[list[Any]], None],
-        server: NativeServer,
-        mode: str,
-    ) -> None:
-        self._front = front
-        self._loop = loop
-        self._deliver = deliver
-        self._server = server
-        self._closed = False
-        self._draining = False
-        self._polled_at = 0.0
-        # set: the waker thread may block in the front's receive for the loop
-        self._gate = threading.Event()
-        self._thread = threading.Thread(target=self._wake, name="native-waker", daemon=True)
-        self._selector: _PumpSelector | None = None
-        inner = getattr(loop, "_selector", None)
-        if mode == "loop" and not isinstance(inner, selectors.BaseSelector):
-            log.warning("native_pump_fallback", reason="the event loop has no selector to wrap")
-            mode = "thread"
-        self.mode = mode
-        if mode == "loop":
-            assert isinstance(inner, selectors.BaseSelector)
-            self._selector = _PumpSelector(inner, self)
-
-    def start(self) -> None:
-        if self._selector is not None:
-            self._loop._selector = self._selector  # type: ignore[attr-defined]
-        else:
-            self._gate.set()  # thread mode: the thread always receives
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop taking calls (the front is closed next)."""
-        self._closed = True
-        if self._selector is not None:
-            self._loop._selector = self._selector.inner  # type: ignore[attr-defined]
-        self._gate.set()  # let the thread reach the closed front and end
-
-    def _safe_deliver(self, events: list[Any]) -> None:
-        try:
-            self._deliver(events)
-        except Exception:
-            log.exception("native_dispatch_failed")
-
-    def select(self, inner: selectors.BaseSelector, timeout: float | None) -> list[Any]:
-        """The loop's wait for I/O, taking ready calls first (loop mode)."""
-        if self._closed:
-            return inner.select(timeout)
-        front = self._front
-        answers = self._server._answers
-        if answers:
-            # the iteration's answers in one go: one wake-up of the front's I/O thread
-            for call_id, data in answers:
-                front.respond(call_id, data)
-            answers.clear()
-        busy = timeout is not None and timeout <= 0
-        now = time.monotonic()
-        if busy and now - self._polled_at < BUSY_POLL_GAP_S:
-            return inner.select(0)  # looked a moment ago: the loop's own work first
-        self._polled_at = now
-        events = front.recv_batch_details(BATCH, 0)
-        if events:
-            self._safe_deliver(events)
-            return inner.select(0)
-        if busy:
-            return inner.select(0)
-        if self._server.in_flight or self._draining:
-            # calls in flight: their replies are near; look for new calls again soon (and
-            # always while draining: the thread no longer receives)
-            return inner.select(BUSY_POLL_S if timeout is None else min(timeout, BUSY_POLL_S))
-        # nothing in flight: sleep, and let the thread receive for us meanwhile
-        self._gate.set()
-        try:
-            return inner.select(timeout)
-        finally:
-            self._gate.clear()
-
-    async def quiesce(self) -> None:
-        """End the thread, so that the loop alone takes calls from here on: a drain can then
-        tell exactly when none is left anywhere. Calls the thread took before it ended reach
-        the loop before this returns (its hand-over is queued first)."""
-        self._draining = True
-        self._gate.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-    def _wake(self) -> None:
-        """The waker thread: receives only while the gate is open (the loop sleeps)."""
-        front, loop = self._front, self._loop
-        thread_mode = self._selector is None
-        while True:
-            self._gate.wait()
-            if self._draining:
-                return
-            events = front.recv_batch_details(BATCH, WAKER_TIMEOUT_MS)
-            if events is None or self._closed:
-                return  # the front is closed
-            if not events:
-                continue
-            if not thread_mode:
-                self._gate.clear()  # one batch per sleep: the loop takes the next ones itself
-            try:
-                loop.call_soon_threadsafe(self._safe_deliver, events)
-            except RuntimeError:  # the loop is closed
-                return
-
-
-class _PumpSelector(selectors.BaseSelector):
-    """The loop's selector, with :meth:`_Pump.select` in front of its ``select``."""
-
-    def __init__(self, inner: selectors.BaseSelector, pump: _Pump) -> None:
-        self.inner = inner
-        self._pump = pump
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self.inner.register(fileobj, events, data)
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self.inner.unregister(fileobj)
-
-    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
-        return self.inner.modify(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        return self._pump.select(self.inner, timeout)
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def get_key(self, fileobj: Any) -> selectors.SelectorKey:
-        return self.inner.get_key(fileobj)
-
-    def get_map(self) -> Any:
-        return self.inner.get_map()
 
 
 class _FrontMetrics(Collector):
