@@ -165,6 +165,8 @@ class ServerResult:
     paced: Point | None = None
     scaling: Point | None = None
     checks: dict[str, float] = field(default_factory=dict)
+    #: ``--paced-fractions`` other than 0.7: paced points at those fractions of the peak
+    paced_more: dict[float, Point] = field(default_factory=dict)
 
 
 # --- phase 1: data ------------------------------------------------------------------------------
@@ -232,9 +234,15 @@ def measure_server(
         log_before = count_log_lines(log, "rpc_finished")
         name = f"server/{label}"
         peak, points = h.curve(server, stats, name, port, run.bodies[a.batch], fractions)
+        paced_more: dict[float, Point] = {}
         if a.paced:
             paced = h.run_paced(server, stats, name, port, run.bodies[a.batch], peak.rps * 0.7)
             report(paced)
+            for frac in paced_fractions(a):
+                paced_more[frac] = h.run_paced(
+                    server, stats, name, port, run.bodies[a.batch], peak.rps * frac
+                )
+                report(paced_more[frac])
         if a.scaling_batch:
             scaling = h.run(server, stats, name, port, run.bodies[a.scaling_batch], None)
             print(f"  batch {a.scaling_batch}:", end="")
@@ -247,7 +255,7 @@ def measure_server(
         code = server.stop()
     if code != 0:
         raise RuntimeError(f"server exited {code}:\n{log.read_text()[-4000:]}")
-    all_points = [peak, *points.values(), *[p for p in (scaling, paced) if p]]
+    all_points = [peak, *points.values(), *paced_more.values(), *[p for p in (scaling, paced) if p]]
     rpcs = after["ok"] - before["ok"]
     sent = sum(p.requests for p in all_points)
     cancelled = after["cancelled"] - before["cancelled"]
@@ -267,7 +275,7 @@ def measure_server(
         run.problems.append(f"{runtime}: server counted {rpcs:.0f} OK RPCs, h2load {sent}")
     if checks["rpc_log_lines"] != rpcs + cancelled:
         run.problems.append(f"{runtime}: not one rpc_finished log line per RPC")
-    return ServerResult(runtime, peak, points, paced, scaling, checks)
+    return ServerResult(runtime, peak, points, paced, scaling, checks, paced_more)
 
 
 def _sums(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, float]:
@@ -345,10 +353,16 @@ class EchoResult:
     points: dict[float, Point]
     #: paced at the server's own 70 % rate on this runtime: the harness's p99 there
     paced_at_server_rate: Point | None = None
+    #: paced at the server's other ``--paced-fractions`` rates
+    paced_more: dict[float, Point] = field(default_factory=dict)
 
 
 def measure_echo(
-    run: Run, runtime: str, fractions: list[float], paced_rate: float | None
+    run: Run,
+    runtime: str,
+    fractions: list[float],
+    paced_rate: float | None,
+    paced_more: dict[float, float] | None = None,
 ) -> EchoResult:
     print(f"echo on {runtime} (same harness, same response bytes)", flush=True)
     echo, port = start_echo(run, runtime, f"echo-{runtime}", [])
@@ -364,9 +378,15 @@ def measure_echo(
                 echo, stats, name, port, run.bodies[run.args.batch], paced_rate
             )
             report(paced)
+        more = {}
+        for frac, rate in (paced_more or {}).items():
+            more[frac] = run.harness.run_paced(
+                echo, stats, name, port, run.bodies[run.args.batch], rate
+            )
+            report(more[frac])
     finally:
         echo.stop()
-    return EchoResult(runtime, peak, points, paced)
+    return EchoResult(runtime, peak, points, paced, more)
 
 
 def floor_args(run: Run) -> list[str]:
@@ -420,7 +440,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=20, help="items per request")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
     p.add_argument("--warmup", type=float, default=1.0, help="h2load warm-up seconds per point")
-    p.add_argument("--clients", type=int, default=4, help="h2load connections")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="h2load connections (default 4 per worker: SO_REUSEPORT spreads connections, not "
+        "requests, so 4 connections over 2 workers can land 3 and 1)",
+    )
     p.add_argument("--streams", type=int, default=4, help="streams per connection (closed loop)")
     p.add_argument(
         "--fractions",
@@ -432,6 +458,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure the 70 %% point with paced callers (no h2load rate bursts), and "
         "each runtime's echo paced at that rate",
+    )
+    p.add_argument(
+        "--paced-fractions",
+        default="0.7",
+        help="with --paced: the fractions of the peak measured with paced callers (0.7 always), "
+        "each also on the runtime's echo at the same rate",
     )
     p.add_argument(
         "--scaling-batch",
@@ -464,6 +496,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def paced_fractions(args: argparse.Namespace) -> list[float]:
+    """``--paced-fractions`` other than 0.7 (which is always measured)."""
+    raw = getattr(args, "paced_fractions", "0.7")
+    return sorted({float(x) for x in raw.split(",") if x} - {0.7})
+
+
 def runtimes_of(arg: str | None) -> list[str]:
     """The runtimes ``--runtime`` names (the first is the primary: the top-level figures)."""
     if arg is None:
@@ -486,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     runtimes = runtimes_of(args.runtime)
+    if args.clients is None:
+        args.clients = 4 * args.workers
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
     fractions = sorted({*(float(x) for x in args.fractions.split(",") if x), 0.7})
@@ -559,7 +599,8 @@ def run(
     if not args.no_echo:
         for rt in dict.fromkeys([REFERENCE_RUNTIME, *runtimes]):
             paced_rate = servers[rt].peak.rps * 0.7 if args.paced and rt in servers else None
-            echoes[rt] = measure_echo(r, rt, fractions, paced_rate)
+            more = {f: p.rps for f, p in servers[rt].paced_more.items()} if rt in servers else {}
+            echoes[rt] = measure_echo(r, rt, fractions, paced_rate, more)
     primary = runtimes[0]
     floor_peak = None
     floor_extra: list[str] = []
@@ -588,10 +629,11 @@ def run(
         )
         curves: dict[str, list[Point]] = {}
         for rt, s in servers.items():
-            curves[f"server/{rt}"] = [s.peak, *s.points.values(), *([s.paced] if s.paced else [])]
+            paced_pts = [*([s.paced] if s.paced else []), *s.paced_more.values()]
+            curves[f"server/{rt}"] = [s.peak, *s.points.values(), *paced_pts]
         for rt, e in echoes.items():
             paced = [e.paced_at_server_rate] if e.paced_at_server_rate else []
-            curves[f"echo/{rt}"] = [e.peak, *e.points.values(), *paced]
+            curves[f"echo/{rt}"] = [e.peak, *e.points.values(), *paced, *e.paced_more.values()]
         plot(Path(args.plot), title, curves)
         out["plot"] = args.plot
     return out
@@ -661,6 +703,8 @@ def runtime_summary(
         "p50_ms_at_70pct_paced": s.paced.p50_ms if s.paced else None,
         "rps_at_70pct_paced": round(s.paced.rps, 1) if s.paced else None,
         "paced_point": asdict(s.paced) if s.paced else None,
+        # every paced point with the runtime's echo at the same rate and the p99 limit there
+        "paced_curve": paced_curve(s, own),
         # the harness at the same rate: this runtime's echo, paced at the server's 70 % rate
         "echo_p99_ms_at_server_70pct_paced": echo_paced.p99_ms if echo_paced else None,
         "echo_paced_point": asdict(echo_paced) if echo_paced else None,
@@ -715,6 +759,31 @@ def runtime_summary(
             )
     if own is not None:
         out["runtime_echo_curve"] = [asdict(p) for p in [own.peak, *own.points.values()]]
+    return out
+
+
+def paced_curve(s: ServerResult, own: EchoResult | None) -> list[dict[str, Any]]:
+    points = dict(s.paced_more)
+    if s.paced is not None:
+        points[0.7] = s.paced
+    echo_points = dict(own.paced_more) if own else {}
+    if own and own.paced_at_server_rate:
+        echo_points[0.7] = own.paced_at_server_rate
+    out = []
+    for frac in sorted(points):
+        p, e = points[frac], echo_points.get(frac)
+        limit = max(P99_TARGET_MS, e.p99_ms + HARNESS_ALLOWANCE_MS) if e else P99_TARGET_MS
+        out.append({
+            "fraction": frac,
+            "rps": round(p.rps, 1),
+            "p50_ms": p.p50_ms,
+            "p99_ms": p.p99_ms,
+            "server_cpu_us_per_req": _r(p.server_cpu_us_per_req),
+            "core_busy": p.core_busy,
+            "echo_p99_ms": e.p99_ms if e else None,
+            "limit_ms": limit,
+            "ok": p.p99_ms <= limit,
+        })  # fmt: skip
     return out
 
 
