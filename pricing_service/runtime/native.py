@@ -23,8 +23,11 @@ until none has been in flight for a few milliseconds (:meth:`NativeServer._idle_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -56,9 +59,12 @@ NAME = "native"
 DRAIN_POLL_S = 0.001
 #: How long nothing must have arrived, been in flight or been answered before a drain closes
 #: the front: its ``close()`` drops answers its I/O threads have not written yet.
-DRAIN_QUIET_S = 0.003
+DRAIN_QUIET_S = 0.002
+#: How long a drain serves new calls while it waits for that moment.
+DRAIN_SERVE_S = 1.0
 
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
@@ -195,7 +201,7 @@ class NativeServer:
         front.start()
         self._pump.start()
         if parts.settings.native_io_policy == "batch":
-            _batch_policy(self._io_threads)
+            _set_policy(self._io_threads, batch=True)
         log.info(
             "native_runtime_started",
             port=self._port,
@@ -271,12 +277,18 @@ class NativeServer:
         fallback = self._fallback
         fallback_stopped = asyncio.ensure_future(fallback.stop(grace)) if fallback else None
         deadline = loop.time() + (grace or 0.0)
+        # answers written the moment they are handed over from here on: the I/O threads back
+        # to the normal policy (under SCHED_BATCH they write when the loop next sleeps)
+        _set_policy(self._io_threads, batch=False)
         if self._pump is not None:
             await self._pump.quiesce()
-        # polled: the front has nothing to await
-        quiet_since = loop.time()
+        # polled: the front has nothing to await. First every call is served until none has
+        # been anywhere for DRAIN_QUIET_S; past DRAIN_SERVE_S without such a moment, new calls
+        # are refused (UNAVAILABLE) while those in flight finish
+        started = quiet_since = loop.time()
         while (now := loop.time()) < deadline:
-            if not self._idle_now():
+            refuse = now - started >= DRAIN_SERVE_S
+            if not self._idle_now(refuse_new=refuse):
                 quiet_since = now
             elif now - quiet_since >= DRAIN_QUIET_S:
                 break
@@ -286,8 +298,14 @@ class NativeServer:
             self._pump.stop()
         log.info("native_runtime_closing", at_ms=time.time_ns() // 1_000_000,
                  in_flight=len(self._calls))  # fmt: skip
-        self._front.close()
-        log.info("native_runtime_closed", at_ms=time.time_ns() // 1_000_000)
+        with _stderr_silenced():
+            # the port's listener first: a client that reconnects after the GOAWAY must reach
+            # the port's other servers, not this closing listener (it accepted connections
+            # and dropped them; those calls then waited out the client's reconnect backoff)
+            stopped = _stop_listening(self._port)
+            self._front.close()
+        log.info("native_runtime_closed", at_ms=time.time_ns() // 1_000_000,
+                 listeners_stopped=stopped)  # fmt: skip
         tasks = list(self._calls.values())  # only when the grace period ran out
         for task in tasks:
             task.cancel()
@@ -298,7 +316,7 @@ class NativeServer:
             shutil.rmtree(self._fallback_dir, ignore_errors=True)
         log.info("native_runtime_stopped", cancelled_after_grace=len(tasks))
 
-    def _idle_now(self) -> bool:
+    def _idle_now(self, *, refuse_new: bool = False) -> bool:
         """Whether nothing is in flight, queued in the front, or answered just now.
 
         pygrpc-native 0.5 cannot stop taking new streams while it finishes the open ones: its
@@ -307,7 +325,8 @@ class NativeServer:
         the front once this has been true for :data:`DRAIN_QUIET_S` (the last answers are
         written by then; a call that reaches the front in the instant of the close is refused,
         one the client had not sent yet goes to another server), or when the grace period is
-        over."""
+        over. Under load such a moment may not come: after :data:`DRAIN_SERVE_S` new calls are
+        refused with UNAVAILABLE (``refuse_new``) so that those in flight can finish."""
         answers = self._answers
         if answers:
             for call_id, data in answers:
@@ -317,6 +336,11 @@ class NativeServer:
         if self._calls:
             return False
         events = self._front.recv_batch_details(BATCH, 0)
+        if events and refuse_new:
+            for kind, call_id, *_ in events:
+                if kind != EVENT_CANCEL:
+                    self._front.fail(call_id, _UNAVAILABLE, "the server is shutting down")
+            return False
         if events:
             self._on_events(events)
             return not self._calls  # (cancellations only)
@@ -363,6 +387,64 @@ class _FrontMetrics(Collector):
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
+def _stop_listening(port: int) -> int:
+    """Stop this process's listening TCP sockets on ``port`` (``shutdown``: the kernel takes
+    them out of the port's ``SO_REUSEPORT`` group at once, so new connections go to the other
+    servers on the port; open connections are not touched). pygrpc-native offers no call for
+    it. Returns how many were stopped (0 where ``/proc`` is not there)."""
+    stopped = 0
+    seen: set[str] = set()
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if not target.startswith("socket:") or target in seen:
+            continue
+        seen.add(target)
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.family not in (
+                    socket.AF_INET,
+                    socket.AF_INET6,
+                ):
+                    continue
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue
+                if sock.getsockname()[1] != port:
+                    continue
+                with contextlib.suppress(OSError):  # Linux answers ENOTCONN, and stops it
+                    sock.shutdown(socket.SHUT_RD)
+                stopped += 1
+            except OSError:
+                continue
+    return stopped
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Standard error (fd 2) to /dev/null for a moment: pygrpc-native's accept loop prints a
+    plain-text line (not JSON) when its listener goes away during the close."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _thread_ids() -> set[int]:
     try:
         return {int(tid) for tid in os.listdir("/proc/self/task")}
@@ -370,12 +452,12 @@ def _thread_ids() -> set[int]:
         return set()
 
 
-def _batch_policy(tids: set[int]) -> None:
-    """``SCHED_BATCH`` for the front's I/O threads: Linux then does not let an I/O thread
-    preempt the event loop's thread each time an answer wakes it (it runs when the loop waits,
-    or on another core), so the answers of one loop iteration cost one wake-up, not one each
-    (see the module docstring)."""
-    policy = getattr(os, "SCHED_BATCH", None)
+def _set_policy(tids: set[int], *, batch: bool) -> None:
+    """``SCHED_BATCH`` (or back to ``SCHED_OTHER``) for the front's I/O threads: under it Linux
+    does not let an I/O thread preempt the event loop's thread each time an answer wakes it (it
+    runs when the loop waits, or on another core), so the answers of one loop iteration cost
+    one wake-up, not one each (see the module docstring)."""
+    policy = getattr(os, "SCHED_BATCH" if batch else "SCHED_OTHER", None)
     if policy is None or not tids:
         log.info("native_io_policy_unavailable", threads=len(tids))
         return

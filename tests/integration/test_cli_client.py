@@ -159,6 +159,7 @@ def test_cli_over_mutual_tls(redis_url: str, namespace: str, tmp_path: Path) -> 
             "PRICING_TLS_CLIENT_CA_FILE": str(certs.ca),
             "PRICING_READ_TOKEN": READ,
             "PRICING_ADMIN_TOKEN": ADMIN,
+            "PRICING_SERVER_RUNTIME": "grpcio-aio",  # the runtime that serves TLS
         },
     )
     server = pricing_service(env, tmp_path / "server.log")
