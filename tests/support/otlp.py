@@ -150,7 +150,8 @@ class OtlpReceiver:
         return self
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # (shutdown() waits for a serve_forever that never ran)
+            self._server.shutdown()
         self._server.server_close()
 
     def __enter__(self) -> OtlpReceiver:

@@ -196,3 +196,15 @@ def test_redis_attributes() -> None:
     assert redis_attributes("redis://localhost")["server.port"] == 6379
     assert redis_attributes("redis+cluster://a:1,b:2") == {"db.system.name": "redis"}
     assert redis_attributes("unix:///run/redis.sock")["server.address"] == "/run/redis.sock"
+
+
+def test_the_bench_tracing_environments_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.serving import otel_env  # noqa: PLC0415
+
+    endpoint = "http://127.0.0.1:4318"
+    assert otel_env("off", endpoint) == {}
+    one = otel(monkeypatch, **otel_env("1%", endpoint))
+    assert one.enabled and one.sampling_ratio == 0.01
+    assert one.traces_endpoint() == endpoint + "/v1/traces"
+    every = otel(monkeypatch, **otel_env("100%", endpoint))
+    assert every.enabled and every.traces_sampler == "parentbased_always_on"
