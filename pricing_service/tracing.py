@@ -35,6 +35,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from importlib import metadata as importlib_metadata
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -193,10 +194,17 @@ class Tracing:
         name: str,
         attributes: Mapping[str, AttributeValue] | None = None,
         kind: SpanKind = SpanKind.CLIENT,
+        *,
+        leaf: bool = False,
     ) -> AbstractContextManager[Any]:
-        """A span under the current one while that one records; otherwise nothing."""
-        if not trace.get_current_span().is_recording():
+        """A span under the current one while that one records; otherwise nothing. A ``leaf``
+        (no span of its own under it: a Redis command, a store query) is not made current,
+        which saves the context switch."""
+        parent = trace.get_current_span()
+        if not parent.is_recording():
             return _NO_SPAN
+        if leaf:
+            return _Leaf(self.tracer.start_span(name, kind=kind, attributes=attributes))
         return self.tracer.start_as_current_span(name, kind=kind, attributes=attributes)
 
     def redis(
@@ -205,7 +213,7 @@ class Tracing:
         """A Redis command's span (``HMGET``, ``EVAL``), under a recording span."""
         if not trace.get_current_span().is_recording():
             return _NO_SPAN
-        return self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             operation,
             kind=SpanKind.CLIENT,
             attributes={
@@ -214,11 +222,13 @@ class Tracing:
                 **(attributes or {}),
             },
         )
+        return _Leaf(span)
 
     def rule_store(self, items: int) -> AbstractContextManager[Any]:
         """A rule-store read's span (``rule_store.read`` of ``items`` items), under a recording
         span."""
-        return self.span("rule_store.read", {**self.rule_store_attributes, "pricing.items": items})
+        attributes = {**self.rule_store_attributes, "pricing.items": items}
+        return self.span("rule_store.read", attributes, leaf=True)
 
     def wrap_rpc(self, method: str, call: Invoke) -> Invoke:
         """``call`` (a method behind the pipeline) inside the RPC's server span."""
@@ -237,20 +247,19 @@ class Tracing:
         reset = structlog.contextvars.reset_contextvars
 
         async def traced(request: Any, context: Any) -> Any:
-            metadata = tuple(context.invocation_metadata() or ())
+            metadata = context.invocation_metadata() or ()
             parent = (caller_context(metadata) if propagate else None) or _ROOT
+            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=base)
+            if not span.is_recording():  # not sampled: no child spans, nothing to end
+                return await call(request, context)
             # the id the pipeline will use (the caller's, or one made here), first in the
             # call's metadata, so that the span and the log line carry the same one
             request_id = _request_id(context)
             context = _WithRequestId(context, (("x-request-id", request_id), *metadata))
-            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=base)
+            span.set_attribute("pricing.request_id", request_id)
             token = otel_context.attach(trace.set_span_in_context(span, parent))
-            recording = span.is_recording()
-            bound: Mapping[str, Any] = {}
-            if recording:
-                ids = span.get_span_context()
-                span.set_attribute("pricing.request_id", request_id)
-                bound = bind(trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}")
+            ids = span.get_span_context()
+            bound = bind(trace_id=f"{ids.trace_id:032x}", span_id=f"{ids.span_id:016x}")
             code = _OK
             failure: Failure | None = None
             try:
@@ -266,28 +275,55 @@ class Tracing:
                 code = cancelled_code(context)
                 raise
             finally:
-                if recording:
-                    span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    if code is not _OK:
-                        _failed(span, code, failure)
-                    reset(**bound)
+                if code is _OK:
+                    span.set_attribute("rpc.grpc.status_code", 0)
+                else:
+                    _failed(span, code, failure)
+                reset(**bound)
                 span.end()
                 otel_context.detach(token)
 
         return traced
 
 
+class _Leaf:
+    """A started span that is ended (with the error, if one was raised) on exit, without
+    becoming the current span."""
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> trace.Span:
+        return self._span
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        span = self._span
+        if exc is not None:  # as the SDK's own use_span does
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
+
+
 def _failed(span: trace.Span, code: grpc.StatusCode, failure: Failure | None) -> None:
-    """Error status, ``error.type`` (the code) and the error's reason (``ErrorInfo``)."""
-    span.set_attribute("error.type", code.name)
+    """The code, error status, ``error.type`` (the code's name) and the error's reason (from
+    the ``ErrorInfo`` of the call's status details)."""
+    attributes: dict[str, AttributeValue] = {
+        "rpc.grpc.status_code": code.value[0],
+        "error.type": code.name,
+    }
     message = failure.message if failure is not None else ""
-    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message else code.name))
     for key, value in failure.trailing_metadata if failure is not None else ():
         if key == "grpc-status-details-bin":
             for detail in status_pb2.Status.FromString(value).details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    span.set_attribute("pricing.error.reason", info.reason)
+                    attributes["pricing.error.reason"] = info.reason
+    span.set_attributes(attributes)
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}" if message else code.name))
 
 
 def caller_context(metadata: Sequence[tuple[str, str | bytes]]) -> otel_context.Context | None:
