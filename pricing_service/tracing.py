@@ -274,6 +274,9 @@ class Tracing:
             except asyncio.CancelledError:  # as the pipeline logs it
                 code = cancelled_code(context)
                 raise
+            except BaseException:  # (the pipeline answers every Exception: not expected)
+                code = grpc.StatusCode.UNKNOWN
+                raise
             finally:
                 if code is _OK:
                     span.set_attribute("rpc.grpc.status_code", 0)
