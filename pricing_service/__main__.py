@@ -206,7 +206,7 @@ async def _serve_one(settings: Settings, otel: OtelSettings | None, worker: int 
             tracer_provider=provider,
             propagate_traces=otel is None or otel.propagate,
         ) as server:
-            if provider is not None:
+            if provider is not None and otel is not None:
                 log.info("tracing_enabled", **tracing_summary(otel))
             # liveness: SERVING while this process's loop answers, whatever its dependencies
             # say (a Redis outage must not get every replica restarted: pages answer degraded)
@@ -220,9 +220,8 @@ async def _serve_one(settings: Settings, otel: OtelSettings | None, worker: int 
     return 0
 
 
-def tracing_summary(otel: OtelSettings | None) -> dict[str, object]:
+def tracing_summary(otel: OtelSettings) -> dict[str, object]:
     """What the ``tracing_enabled`` start-up line says of the tracing settings."""
-    assert otel is not None
     return {
         "exporters": list(otel.exporters),
         "endpoint": otel.traces_endpoint() if "otlp" in otel.exporters else None,
