@@ -89,6 +89,7 @@ from bench.serving_data import (
     verified_call,
 )
 from pricing_service.runtime import RUNTIME_MODULES
+from tests.support.otlp import OtlpReceiver
 from tests.support.redis_server import RedisServer
 
 __all__ = [  # the data and the answer checks, for bench.hotpath and the unit tests
@@ -116,6 +117,13 @@ __all__ = [  # the data and the answer checks, for bench.hotpath and the unit te
 ]
 
 REFERENCE_RUNTIME = "grpcio-aio"  # ratio_to_echo's fixed reference
+#: ``--otel``: the servers' sampler (``OTEL_TRACES_SAMPLER``, ``_ARG``); h2load sends no
+#: ``traceparent``, so every call is a root sampled at the ratio.
+OTEL_MODES: dict[str, tuple[str, str] | None] = {
+    "off": None,
+    "1%": ("parentbased_traceidratio", "0.01"),
+    "100%": ("parentbased_always_on", ""),
+}
 P99_TARGET_MS = 5.0
 HARNESS_ALLOWANCE_MS = 2.0  # over the echo's p99 at the same rate, where 5 ms cannot be shown
 
@@ -491,6 +499,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also measure the floor: the echo plus the page's HMGET and the canonical log line",
     )
+    p.add_argument(
+        "--otel",
+        choices=list(OTEL_MODES),
+        default="off",
+        help="tracing of the servers (OTEL_* variables): off, or 1%% / 100%% of the calls "
+        "sampled, exported over OTLP/HTTP (batch span processor, the SDK's defaults) to a "
+        "receiver in this process on the load generator's CPU",
+    )
     p.add_argument("--plot", default="docs/benchmarks/serving.png", help="PNG path ('' = none)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     return p
@@ -535,16 +551,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     result: dict[str, Any] = {}
     redis = RedisServer()
     redis.start()
+    # --otel: the spans' destination, a real OTLP/HTTP receiver (decodes every request) on the
+    # load generator's CPU, so that the servers pay the real export (encoding, HTTP) and not
+    # the receiver's work
+    receiver = (
+        OtlpReceiver(keep=False, cpus={0} if pin else None).start()
+        if OTEL_MODES[args.otel]
+        else None
+    )
     try:
         if pin and redis.proc is not None:
             subprocess.run(
                 ["taskset", "-a", "-pc", "0", str(redis.proc.pid)], check=True, capture_output=True
             )
         result = run(
-            args, runtimes, fractions, workdir, redis, "1" if pin else None, "0" if pin else None
+            args,
+            runtimes,
+            fractions,
+            workdir,
+            redis,
+            "1" if pin else None,
+            "0" if pin else None,
+            receiver,
         )
     finally:
         redis.close()
+        if receiver is not None:
+            receiver.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -560,10 +593,12 @@ def run(
     redis: RedisServer,
     server_cpus: str | None,
     client_cpus: str | None,
+    receiver: OtlpReceiver | None = None,
 ) -> dict[str, Any]:
     from pricing_service.config import load_settings  # noqa: PLC0415
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PRICING_", "OTEL_"))}
+    env.update(otel_env(args.otel, receiver.endpoint if receiver else None))
     env.update(
         {
             "PRICING_REDIS_URL": redis.url,
@@ -622,6 +657,19 @@ def run(
     out = summarise(r, runtimes, servers, echoes, one_worker, floor_peak, rounds)
     out["loadavg_start"] = load_start
     out["loadavg_end"] = os.getloadavg()[0]
+    out["otel"] = args.otel
+    if receiver is not None:  # every server has stopped: their last spans are flushed
+        ok = sum(
+            s.checks["ok_rpcs"] + s.checks["cancelled_by_h2load_exit"] for s in servers.values()
+        )
+        out["otel_spans_received"] = receiver.span_count
+        out["otel_export_requests"] = receiver.requests
+        out["otel_spans_per_rpc"] = round(receiver.span_count / ok, 4) if ok else None
+        print(
+            f"otel {args.otel}: {receiver.span_count} spans received in {receiver.requests} "
+            f"OTLP requests, {out['otel_spans_per_rpc']} per RPC",
+            flush=True,
+        )
     if args.plot:
         title = (
             f"BatchGetLowestPrice, batch {args.batch}, --workers {args.workers}, "
@@ -637,6 +685,24 @@ def run(
         plot(Path(args.plot), title, curves)
         out["plot"] = args.plot
     return out
+
+
+def otel_env(mode: str, endpoint: str | None) -> dict[str, str]:
+    """The servers' ``OTEL_*`` environment of ``--otel mode`` (none for ``off``), exporting to
+    the OTLP/HTTP receiver at ``endpoint``."""
+    sampler = OTEL_MODES[mode]
+    if sampler is None or endpoint is None:
+        return {}
+    name, arg = sampler
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_SERVICE_NAME": "bench-serving",
+        "OTEL_TRACES_SAMPLER": name,
+    }
+    if arg:
+        env["OTEL_TRACES_SAMPLER_ARG"] = arg
+    return env
 
 
 def _round(

@@ -15,6 +15,7 @@ from pricing_service.client_flags import add_client_flags
 from pricing_service.config import Settings, load_settings
 from pricing_service.errors import ConfigError, PricingError
 from pricing_service.logging import configure_logging
+from pricing_service.otel_config import OtelSettings, load_otel_settings
 from pricing_service.runtime import select_runtime
 from pricing_service.workers import fork_workers
 
@@ -109,10 +110,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 # the runtime can serve this configuration (TLS, say): checked before forking
                 select_runtime(settings)
+                otel = load_otel_settings()  # tracing (OTEL_*): off unless an exporter is set
             except ConfigError as exc:
                 print(f"pricing-service: {exc.message}", file=sys.stderr)
                 sys.exit(2)
-            sys.exit(serve(settings))
+            sys.exit(serve(settings, otel))
         elif command == "migrate":
             import pricing_service.rules.cli as rules_cli  # noqa: PLC0415
 
@@ -166,41 +168,68 @@ async def _rules(settings: Settings, args: argparse.Namespace) -> int:
     return await rules_cli.list_rules(settings, seller_id=args.seller, item_id=args.item)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, otel: OtelSettings | None = None) -> int:
     """Run ``settings.workers`` server processes on one port (SO_REUSEPORT).
 
     With several workers the processes are forked here, before any gRPC object exists (gRPC
     does not survive a fork); each child runs its own event loop, server and clients and
-    exports metrics on ``metrics_port + index``.
+    exports metrics on ``metrics_port + index``, and traces (``otel``; None: off) through a
+    tracer provider of its own.
     """
     if settings.workers <= 1:
-        return asyncio.run(_serve_one(settings))
+        return asyncio.run(_serve_one(settings, otel))
 
     def child(i: int) -> int:
         port = settings.metrics_port + i if settings.metrics_port else 0
         return asyncio.run(
-            _serve_one(settings.model_copy(update={"metrics_port": port, "workers": 1}), worker=i)
+            _serve_one(
+                settings.model_copy(update={"metrics_port": port, "workers": 1}), otel, worker=i
+            )
         )
 
     log.info("workers_starting", workers=settings.workers)
     return fork_workers(settings.workers, child)
 
 
-async def _serve_one(settings: Settings, worker: int = 0) -> int:
+async def _serve_one(settings: Settings, otel: OtelSettings | None, worker: int = 0) -> int:
     from grpc_health.v1 import health_pb2  # noqa: PLC0415 - no gRPC before fork
 
     from pricing_service.server import PricingServer  # noqa: PLC0415
+    from pricing_service.tracing import build_tracer_provider  # noqa: PLC0415
 
     structlog.contextvars.bind_contextvars(worker=worker, pid=os.getpid())
     loop = asyncio.get_running_loop()
-    async with PricingServer(settings) as server:
-        # liveness: SERVING while this process's loop answers, whatever its dependencies say
-        # (a Redis outage must not get every replica restarted: pages answer degraded then)
-        await server.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.request_stop)
-        await server.run()
+    provider = build_tracer_provider(otel) if otel is not None else None
+    try:
+        async with PricingServer(
+            settings,
+            tracer_provider=provider,
+            propagate_traces=otel is None or otel.propagate,
+        ) as server:
+            if provider is not None and otel is not None:
+                log.info("tracing_enabled", **tracing_summary(otel))
+            # liveness: SERVING while this process's loop answers, whatever its dependencies
+            # say (a Redis outage must not get every replica restarted: pages answer degraded)
+            await server.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, server.request_stop)
+            await server.run()
+    finally:
+        if provider is not None:  # export what is still queued (the drain's calls)
+            await asyncio.to_thread(provider.shutdown)
     return 0
+
+
+def tracing_summary(otel: OtelSettings) -> dict[str, object]:
+    """What the ``tracing_enabled`` start-up line says of the tracing settings."""
+    return {
+        "exporters": list(otel.exporters),
+        "endpoint": otel.traces_endpoint() if "otlp" in otel.exporters else None,
+        "sampler": otel.traces_sampler,
+        "sampler_ratio": otel.sampling_ratio if "ratio" in otel.traces_sampler else None,
+        "service_name": otel.resource()["service.name"],
+        "propagate": otel.propagate,
+    }
 
 
 if __name__ == "__main__":

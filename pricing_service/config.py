@@ -366,10 +366,15 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"] if p != "__root__"]
-            name = ENV_PREFIX + loc[0].upper() if loc else "configuration"
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}: {msg}" if loc else msg)
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        raise config_error(exc, ENV_PREFIX) from None
+
+
+def config_error(exc: ValidationError, prefix: str) -> ConfigError:
+    """A :class:`ConfigError` naming each bad variable (``prefix`` + the field's name)."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if p != "__root__"]
+        name = prefix + loc[0].upper() if loc else "configuration"
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}: {msg}" if loc else msg)
+    return ConfigError("invalid configuration: " + "; ".join(problems))

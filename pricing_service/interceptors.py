@@ -16,6 +16,7 @@ defined once:
   passed through the method's serialiser unchanged; messages are serialised as usual.
 * One canonical log line per RPC (``rpc_finished``: method, code, duration_ms, request_id) and
   the request count / latency metrics.
+* With tracing on (``pricing_service.tracing``), the RPC's span around all of the above.
 """
 
 from __future__ import annotations
@@ -105,6 +106,22 @@ class CallContext(Protocol):
 Invoke = Callable[[Any, Any], Awaitable[Any]]
 
 
+class RpcTracing(Protocol):
+    """Tracing of the pipeline's calls (``pricing_service.tracing.Tracing``)."""
+
+    def wrap_rpc(self, method: str, call: Invoke) -> Invoke:
+        """``call`` inside the RPC's span."""
+
+
+def cancelled_code(context: CallContext) -> grpc.StatusCode:
+    """How a cancelled call ended: the caller went away, or its deadline passed (the runtime
+    cancels the call then)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 class RpcPipeline:
     """What every unary RPC goes through, on every server runtime (see the module docstring):
     request id, admission, rate limit, error translation, canonical log line, metrics.
@@ -120,14 +137,14 @@ class RpcPipeline:
         max_concurrent_rpcs: int,
         log_rpcs: bool = True,
         limiter: RateLimiter | None = None,
+        tracing: RpcTracing | None = None,
     ) -> None:
         self._metrics = metrics
         self._limiter = limiter
+        self._tracing = tracing  # None: no spans, and nothing to check per call
         self._max = max_concurrent_rpcs
         self._in_flight = 0
         self._log_rpcs = log_rpcs
-        # the canonical line without structlog's processor chain where logging is JSON
-        self._line: Any = canonical_line() or log
 
     @property
     def in_flight(self) -> int:
@@ -186,13 +203,7 @@ class RpcPipeline:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             except asyncio.CancelledError:
-                # the caller went away, or its deadline passed (the runtime cancels the call)
-                remaining = context.time_remaining()
-                code = (
-                    grpc.StatusCode.DEADLINE_EXCEEDED
-                    if remaining is not None and remaining <= 0
-                    else grpc.StatusCode.CANCELLED
-                )
+                code = cancelled_code(context)
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
@@ -203,7 +214,8 @@ class RpcPipeline:
                 elapsed = time.perf_counter() - start
                 metrics.observe_rpc(short, code.name, elapsed)
                 if self._log_rpcs:
-                    self._line.info(
+                    # without structlog's processor chain where logging is JSON
+                    (canonical_line() or log).info(
                         "rpc_finished",
                         method=method,
                         code=code.name,
@@ -214,7 +226,8 @@ class RpcPipeline:
             # only reached with err set (the try returns otherwise)
             return Failure.of(err)
 
-        return call
+        # tracing: the RPC's span around the whole call (decided here, once per method)
+        return call if self._tracing is None else self._tracing.wrap_rpc(method, call)
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

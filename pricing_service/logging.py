@@ -46,8 +46,9 @@ def configure_logging(
     else:
         shared.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    processors = [*shared, renderer]
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         # One write() per line ("message\n" together): print() writes the message and the
         # newline separately, which on unbuffered stderr (PYTHONUNBUFFERED=1, as in the image)
@@ -71,9 +72,10 @@ def configure_logging(
     # again even where something replaced warnings.showwarning since an earlier call)
     logging.captureWarnings(False)
     logging.captureWarnings(True)
-    global _canonical  # noqa: PLW0603 - logging is configured once per process, like structlog
+    global _canonical, _installed  # noqa: PLW0603 - configured once per process, like structlog
     enabled = logging.getLevelName(level) <= logging.INFO
     _canonical = CanonicalLine(out) if enabled and not use_console else None
+    _installed = processors
 
 
 class CanonicalLine:
@@ -95,12 +97,17 @@ class CanonicalLine:
 
 
 _canonical: CanonicalLine | None = None
+_installed: list[structlog.typing.Processor] | None = None
 
 
 def canonical_line() -> CanonicalLine | None:
-    """The fast writer of the configured JSON logging, or None (console, level above INFO, or
-    not configured: then log through structlog)."""
-    return _canonical
+    """The fast writer of this module's JSON configuration while it is structlog's current
+    one, else None (console, level above INFO, not configured, or configured otherwise since:
+    then log through structlog). Cheap enough to ask per call (~0.3 us)."""
+    line = _canonical
+    if line is None or structlog.get_config()["processors"] is not _installed:
+        return None
+    return line
 
 
 _second: list[Any] = [-1, ""]  # [epoch second, its "YYYY-MM-DDTHH:MM:SS" form]

@@ -28,6 +28,7 @@ from pricing_service.engine import (
 from pricing_service.errors import DeadlineExceededError, PricingError, UnavailableError
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
+from pricing_service.tracing import Tracing, mark_degraded, redis_command, rule_store_read
 
 log = structlog.get_logger("pricing_service.pricing")
 
@@ -40,6 +41,7 @@ _CLOCK_AND_WATERMARK_LUA = """#!lua flags=no-writes
 local t = redis.call('TIME')
 return {t[1], t[2], redis.call('GET', KEYS[1])}
 """
+_CLOCK_SPAN = {"pricing.redis.script": "clock_and_watermark"}  # the EVAL's span attributes
 
 
 class RuleSource(Protocol):
@@ -114,6 +116,7 @@ class PricingCore:
         rule_breaker: CircuitBreaker | None = None,
         strict_budget_ms: int = 1000,
         primary: aioredis.Redis | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.index = index
         self.rules = rules
@@ -130,6 +133,13 @@ class PricingCore:
         self.primary = primary or membership.redis
         self._rtt = metrics.redis_rtt.child("batch_lookup")
         self._outage_logged = False
+        self.tracing = tracing
+
+    def _degraded(self, cause: str) -> None:
+        """A page answered (partly) at list prices: counted, and its span marked."""
+        self.metrics.degraded_answers.labels(cause).inc()
+        if self.tracing is not None:
+            mark_degraded(cause)
 
     # --- BatchGetLowestPrice ------------------------------------------------------------------
     async def batch(
@@ -179,7 +189,7 @@ class PricingCore:
         missing = [q.item_id for q, rules in zip(queries, found, strict=True) if rules is None]
         fetched: dict[str, tuple[Rule, ...]] | None = None
         if not self.rule_breaker.allow():
-            self.metrics.degraded_answers.labels("rule_breaker_open").inc()
+            self._degraded("rule_breaker_open")
         else:
             budget = self.rule_fetch_budget_s
             if time_remaining_s is not None:
@@ -194,7 +204,7 @@ class PricingCore:
                     # a timeout cut short by the caller's own deadline says nothing of the store
                     self.rule_breaker.failure(started)
                 cause = "rule_store_timeout" if timed_out else "rule_store_error"
-                self.metrics.degraded_answers.labels(cause).inc()
+                self._degraded(cause)
                 if not self._rule_outage_logged:
                     self._rule_outage_logged = True
                     log.warning("rule_fetch_degraded", cause=cause, error=repr(exc))
@@ -215,7 +225,7 @@ class PricingCore:
     ) -> frozenset[tuple[str, CrowdKind]] | None:
         """One membership round trip within budget; ``None`` means degrade to list prices."""
         if not self.breaker.allow():
-            self.metrics.degraded_answers.labels("breaker_open").inc()
+            self._degraded("breaker_open")
             return None
         budget = self.budget_s
         if time_remaining_s is not None:
@@ -228,7 +238,7 @@ class PricingCore:
         except (TimeoutError, RedisError, OSError) as exc:
             self.breaker.failure(started)
             cause = "timeout" if isinstance(exc, TimeoutError) else "redis_error"
-            self.metrics.degraded_answers.labels(cause).inc()
+            self._degraded(cause)
             if not self._outage_logged:
                 self._outage_logged = True
                 log.warning("membership_degraded", cause=cause, error=repr(exc))
@@ -252,7 +262,8 @@ class PricingCore:
     ) -> StrictResult:
         try:
             async with asyncio.timeout(self._strict_budget(time_remaining_s, share=0.5)):
-                rules, revision = await self.rules.rules_for_item(item_id)
+                with rule_store_read(self.tracing, 1):
+                    rules, revision = await self.rules.rules_for_item(item_id)
         except TimeoutError:
             self.metrics.strict_refusals.labels("RULE_STORE_TIMEOUT").inc()
             raise UnavailableError(
@@ -303,10 +314,14 @@ class PricingCore:
             async with asyncio.timeout(timeout):
                 # TIME and the watermark from the same node in one step: on Redis Cluster
                 # TIME has no key, so it must run where the watermark key lives
-                secs, micros, raw_wm = await self.primary.eval(
-                    _CLOCK_AND_WATERMARK_LUA, 1, self.membership.layout.watermark_key
-                )
-                members = await self.membership.member_crowds(user_id, crowds, redis=self.primary)
+                with redis_command(self.tracing, "EVAL", _CLOCK_SPAN):
+                    secs, micros, raw_wm = await self.primary.eval(
+                        _CLOCK_AND_WATERMARK_LUA, 1, self.membership.layout.watermark_key
+                    )
+                with redis_command(self.tracing, "HMGET", {"pricing.crowds": len(crowds)}):
+                    members = await self.membership.member_crowds(
+                        user_id, crowds, redis=self.primary
+                    )
         except TimeoutError:
             self.metrics.strict_refusals.labels("REDIS_TIMEOUT").inc()
             raise UnavailableError(

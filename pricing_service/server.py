@@ -19,6 +19,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
@@ -33,12 +34,13 @@ from pricing_service.metrics import Metrics
 from pricing_service.pricing import PricingCore
 from pricing_service.ratelimit import RateLimiter
 from pricing_service.redis_client import is_cluster, make_redis
-from pricing_service.redis_pipe import PipelinedReader
+from pricing_service.redis_pipe import ClientReader, PipelinedReader
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.store import open_rule_store
 from pricing_service.runtime import MethodTable, RuntimeServer, ServerParts, select_runtime
 from pricing_service.servicers.admin import DiscountAdminServicer
 from pricing_service.servicers.pricing import PricingServicer
+from pricing_service.tracing import Tracing
 
 log = structlog.get_logger("pricing_service.server")
 
@@ -59,8 +61,22 @@ class PricingServer:
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         metrics_port: int | None = None,
+        tracer_provider: TracerProvider | None = None,
+        propagate_traces: bool = True,
     ) -> None:
         self.settings = settings
+        #: spans of RPCs and their reads, to this provider (None: tracing off); with
+        #: ``propagate_traces`` a caller's W3C ``traceparent`` continues its trace
+        self.tracing = (
+            None
+            if tracer_provider is None
+            else Tracing(
+                tracer_provider,
+                propagate=propagate_traces,
+                redis_url=settings.redis_url,
+                rule_store_url=settings.rule_store_url,
+            )
+        )
         self.clock = clock or SystemClock()
         self.metrics = metrics or Metrics()
         self._metrics_port = settings.metrics_port if metrics_port is None else metrics_port
@@ -99,13 +115,16 @@ class PricingServer:
         stack.push_async_callback(redis.aclose)
         store = await open_rule_store(s)
         stack.push_async_callback(store.close)
-        self.index = index = RuleIndex(store, s, self.clock, self.metrics)
+        tracing = self.tracing
+        self.index = index = RuleIndex(store, s, self.clock, self.metrics, tracing=tracing)
         await stack.enter_async_context(index)
         layout = MembershipLayout(s.redis_namespace)
         reader = None
         if not is_cluster(redis):  # a cluster keeps redis-py (slot routing, redirections)
-            reader = PipelinedReader.from_client(redis)
+            reader = PipelinedReader.from_client(redis, tracing=tracing)
             stack.push_async_callback(reader.aclose)
+        elif tracing is not None:  # redis-py's page reads, with the reader's HMGET span
+            reader = ClientReader(redis, tracing=tracing)
         membership = MembershipStore(redis, layout, self.clock, self.metrics, reader=reader)
         with contextlib.suppress(RedisError, OSError):
             await membership.load_script()  # readers do not need it; a write-capable warm-up
@@ -138,6 +157,7 @@ class PricingServer:
             breaker=breaker,
             rule_fetch_budget_ms=s.rule_fetch_budget_ms,
             rule_breaker=rule_breaker,
+            tracing=tracing,
         )
         if self._metrics_port:
             httpd, _thread = start_http_server(
@@ -153,8 +173,9 @@ class PricingServer:
             else None
         )
         pipeline = RpcPipeline(
-            self.metrics, max_concurrent_rpcs=s.max_concurrent_rpcs, limiter=limiter
-        )
+            self.metrics, max_concurrent_rpcs=s.max_concurrent_rpcs, limiter=limiter,
+            tracing=tracing,
+        )  # fmt: skip
         methods = MethodTable()
         pricing_pb2_grpc.add_PricingServiceServicer_to_server(
             PricingServicer(

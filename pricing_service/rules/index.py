@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -42,6 +43,10 @@ from pricing_service.config import Settings
 from pricing_service.domain import Clock, Rule
 from pricing_service.metrics import Metrics
 from pricing_service.rules.store import RuleChange, RuleStore
+from pricing_service.tracing import internal_span, rule_store_read
+
+if TYPE_CHECKING:
+    from pricing_service.tracing import Tracing
 
 log = structlog.get_logger("pricing_service.rules.index")
 
@@ -61,8 +66,10 @@ class RuleIndex:
         *,
         on_change: Callable[[Sequence[RuleChange]], None] | None = None,
         max_items: int | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._clock = clock
         self._metrics = metrics
         self._interval_s = settings.rule_refresh_interval_ms / 1000
@@ -129,21 +136,27 @@ class RuleIndex:
         reading = self._reading
         wanted = list(dict.fromkeys(item_ids))
         need = [i for i in wanted if i not in reading]
-        if need:
-            task = asyncio.create_task(self._read(need), name="rule-index-fetch")
-            for i in need:
-                reading[i] = task
-            task.add_done_callback(functools.partial(self._read_done, need))
-        tasks = {reading[i] for i in wanted}
-        out: dict[str, tuple[Rule, ...]] = {}
-        for t in tasks:
-            out.update(await asyncio.shield(t))
+        with internal_span(
+            self._tracing,
+            "rule_index.fetch",
+            {"pricing.items": len(wanted), "pricing.items_read": len(need)},
+        ):
+            if need:  # (the read's span, a task of its own, is a child of this one)
+                task = asyncio.create_task(self._read(need), name="rule-index-fetch")
+                for i in need:
+                    reading[i] = task
+                task.add_done_callback(functools.partial(self._read_done, need))
+            tasks = {reading[i] for i in wanted}
+            out: dict[str, tuple[Rule, ...]] = {}
+            for t in tasks:
+                out.update(await asyncio.shield(t))
         return {i: out[i] for i in wanted}
 
     async def _read(self, items: list[str]) -> dict[str, tuple[Rule, ...]]:
         start = time.perf_counter()
         async with asyncio.timeout(self._fetch_timeout_s):
-            rules, revision = await self._store.rules_for_items(items)
+            with rule_store_read(self._tracing, len(items)):
+                rules, revision = await self._store.rules_for_items(items)
         if self._metrics is not None:
             self._metrics.rule_fetch_seconds.observe(time.perf_counter() - start)
         grouped: dict[str, list[Rule]] = {i: [] for i in items}

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import TracerProvider
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import Settings, load_settings
@@ -128,7 +129,15 @@ class Harness:
         return await self.pricing.CheckDiscountStrict(req, timeout=5)
 
 
-async def start_harness(redis_url: str, namespace: str, tmp: Path, **overrides: object) -> Harness:
+async def start_harness(
+    redis_url: str,
+    namespace: str,
+    tmp: Path,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    propagate_traces: bool = True,
+    **overrides: object,
+) -> Harness:
     options: dict[str, object] = {
         "redis_url": redis_url,
         "redis_namespace": namespace,
@@ -141,7 +150,9 @@ async def start_harness(redis_url: str, namespace: str, tmp: Path, **overrides: 
         "breaker_reset_ms": 200,
     }
     settings = load_settings(**(options | overrides))
-    server = PricingServer(settings)
+    server = PricingServer(
+        settings, tracer_provider=tracer_provider, propagate_traces=propagate_traces
+    )
     await server.__aenter__()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     redis = make_redis(settings)
