@@ -87,12 +87,15 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
             if not item_id or len(item_id) > max_id:
                 require_id(item_id, f"items[{i}].item_id", max_id)
             list_price = None
-            if q.HasField("list_price"):
-                m = q.list_price
-                key = (m.currency_code, m.amount_minor)
+            m = q.list_price
+            code = m.currency_code
+            # a list price with a currency was set; without one, HasField tells unset (no list
+            # price) from set-but-empty (refused below): HasField costs ~0.5 us, so only then
+            if code or q.HasField("list_price"):
+                key = (code, m.amount_minor)
                 list_price = monies.get(key)
                 if list_price is None:
-                    code, amount = key
+                    amount = key[1]
                     if not (is_known(code) and 0 <= amount <= MAX_AMOUNT_MINOR):
                         money_from_proto(m, f"items[{i}].list_price", allow_zero=True)  # raises
                     if len(monies) >= MEMO_SIZE:

@@ -575,6 +575,26 @@ async def test_strict_refusals_of_bad_input(h: Harness) -> None:
         assert error_info(caught.value) == (reason, [field])
 
 
+async def test_a_list_price_set_without_a_currency_is_refused_an_unset_one_is_none(
+    h: Harness,
+) -> None:
+    """An item without a list price answers without one; a list price that is set but empty
+    (no currency, any amount) is the caller's error naming the item, not a missing price."""
+    await h.rule("i1", ALL, 1990)
+    r = await h.batch("u", ("i1", None), ("i1", 2500))
+    assert not r.prices[0].HasField("price") and not r.prices[0].discounted  # no list price
+    assert r.prices[1].price.amount_minor == 2500
+    for empty in (common_pb2.Money(), common_pb2.Money(amount_minor=5)):
+        req = pricing_pb2.BatchGetLowestPriceRequest(user_id="u")
+        req.items.add(item_id="i1")
+        req.items.add(item_id="i1", list_price=empty)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.pricing.BatchGetLowestPrice(req, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reason, fields = error_info(caught.value)
+        assert fields and all(f.startswith("items[1].list_price") for f in fields), fields
+
+
 # --- operability ------------------------------------------------------------------------------
 
 
