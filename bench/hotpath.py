@@ -120,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--calls", type=int, default=5000)
+    p.add_argument("--crowds", choices=["builtin", "seller"], default="builtin",
+                   help="the page's crowd mix (bench.crowd_mix)")  # fmt: skip
     args = p.parse_args(argv)
     from pricing_service.config import load_settings  # noqa: PLC0415
     from pricing_service.logging import configure_logging  # noqa: PLC0415
@@ -134,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             rule_store_url=f"sqlite:///{Path(tmp) / 'rules.db'}",
             listen="127.0.0.1:0",
         )
-        asyncio.run(load_data(settings, catalog()))
+        asyncio.run(load_data(settings, catalog(), crowds=args.crowds))
         result = asyncio.run(_measure(settings, args.batch, args.calls))
+        result["crowds"] = args.crowds
     print(
         f"batch {result['batch']}: {result['us_per_call']} µs CPU per call "
         f"(median {result['median_us']}), of which the membership round trip "

@@ -182,7 +182,7 @@ class ServerResult:
 
 def prepare(run: Run) -> None:
     t0 = time.monotonic()
-    asyncio.run(load_data(run.settings, run.cat))
+    asyncio.run(load_data(run.settings, run.cat, crowds=getattr(run.args, "crowds", "builtin")))
     print(
         f"data loaded in {time.monotonic() - t0:.1f} s: {SELLERS * ITEMS_PER_SELLER * 3} rules, "
         f"{OTHER_BUYERS + 1} buyers",
@@ -491,6 +491,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="peak rounds: after the full run, N-1 more rounds of every server's and echo's "
         "(and the floor's) peak, back to back; the medians of the ratios are reported",
+    )
+    p.add_argument(
+        "--crowds",
+        choices=["builtin", "seller"],
+        default="builtin",
+        help="the page's crowds: built-in only, or mixed with seller-defined predicate and list "
+        "crowds (bench.crowd_mix)",
     )
     p.add_argument("--pin", choices=["auto", "off"], default="auto")
     p.add_argument("--no-echo", action="store_true", help="skip the echo baselines")
@@ -874,6 +881,7 @@ def summarise(
         "runtimes": per,
         "workers": a.workers,
         "batch": a.batch,
+        "crowds": a.crowds,
         "duration_s": a.duration,
         "clients": a.clients,
         "streams": a.streams,

@@ -60,14 +60,17 @@ def page(cat: Catalog, batch: int) -> list[tuple[str, int]]:
     return out
 
 
-async def load_data(settings: Any, cat: Catalog, seed: int = 7) -> None:
-    """Rules into the store (SQLite), memberships into the private Redis."""
+async def load_data(settings: Any, cat: Catalog, seed: int = 7, crowds: str = "builtin") -> None:
+    """Rules into the store (SQLite), memberships into the private Redis (``crowds``: the
+    page's crowd mix, ``bench.crowd_mix``)."""
+    from bench import crowd_mix  # noqa: PLC0415
     from pricing_service.domain import CrowdKind, Money, Rule, SystemClock  # noqa: PLC0415
     from pricing_service.membership import derive  # noqa: PLC0415
     from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
     from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
     from pricing_service.redis_client import make_redis  # noqa: PLC0415
     from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
+    from sync_worker.lists import migrate_membership  # noqa: PLC0415
 
     rnd = random.Random(seed)
     clock = SystemClock()
@@ -94,9 +97,12 @@ async def load_data(settings: Any, cat: Catalog, seed: int = 7) -> None:
                 if rnd.random() < 0.05:
                     pct = -5  # above the list price: never applied
                 price = lp * (100 - pct) // 100
-                rules.append(Rule("", s, item, kind, Money(CURRENCY, price), start, end))
+                kind, crowd_id = crowd_mix.target(kind, crowds)  # noqa: PLW2901
+                rules.append(Rule("", s, item, kind, Money(CURRENCY, price), start, end,
+                                  crowd_id=crowd_id))  # fmt: skip
     store = await open_rule_store(settings)
     try:
+        await crowd_mix.define(store, cat.sellers, crowds)
         for i in range(0, len(rules), 1000):
             await store.upsert_many(rules[i : i + 1000], "bench")
     finally:
@@ -128,6 +134,13 @@ async def load_data(settings: Any, cat: Catalog, seed: int = 7) -> None:
             result = await membership.apply(writes[i : i + 5000])
             if result.failed_users:
                 raise RuntimeError(f"membership writes failed: {result.failed_users}")
+        store = await open_rule_store(settings)
+        try:
+            others = [f"u{b:06d}" for b in range(0, OTHER_BUYERS, 4)]
+            await crowd_mix.members(store, membership, page_s, BUYER, others, ttls, crowds)
+        finally:
+            await store.close()
+        await migrate_membership(settings, redis)  # a deployment past its migration
     finally:
         await redis.aclose()
 
@@ -147,13 +160,17 @@ async def expected_answer(
     now = clock.now_ms()
     store = await open_rule_store(settings)
     try:
-        rule_lists = [(await store.rules_for_item(item))[0] for item, _ in items]
+        read = [await store.rules_with_crowds(item) for item, _ in items]
     finally:
         await store.close()
+    rule_lists = [rules for rules, _, _ in read]
+    defs = {k: d for _, ds, _ in read for k, d in ds.items()}
     redis = make_redis(settings)
     try:
         membership = MembershipStore(redis, MembershipLayout(settings.redis_namespace), clock)
-        members = await membership.member_crowds(BUYER, crowds_to_check(rule_lists, now))
+        members = await membership.member_crowds(
+            BUYER, crowds_to_check(rule_lists, now), resolve=defs
+        )
     finally:
         await redis.aclose()
     out = []
@@ -176,14 +193,20 @@ async def page_fields(settings: Any, items: list[tuple[str, int]]) -> tuple[str,
 
     store = await open_rule_store(settings)
     try:
-        rule_lists = [(await store.rules_for_item(item))[0] for item, _ in items]
+        read = [await store.rules_with_crowds(item) for item, _ in items]
     finally:
         await store.close()
+    rule_lists = [rules for rules, _, _ in read]
+    defs = {k: d for _, ds, _ in read for k, d in ds.items()}
     clock = SystemClock()
     redis = make_redis(settings)  # not connected: only the layout is used
     try:
-        membership = MembershipStore(redis, MembershipLayout(settings.redis_namespace), clock)
-        _, fields = membership.lookup_fields(crowd_keys_to_check(rule_lists, clock.now_ms()))
+        membership = MembershipStore(
+            redis, MembershipLayout(settings.redis_namespace), clock, legacy_reads=False
+        )
+        _, fields = membership.lookup_fields(
+            crowd_keys_to_check(rule_lists, clock.now_ms()), resolve=defs
+        )
         return membership.layout.user_key(BUYER), [f.decode() for f in fields]
     finally:
         await redis.aclose()

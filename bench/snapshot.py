@@ -4,8 +4,10 @@
 
 Generates a realistic snapshot (most buyers follow a few sellers, about 1% follow hundreds),
 loads it with the sync worker's loader (1 process, then N processes over disjoint parts), then
-loads the same memberships from pre-generated raw commands (per row: one ``HSET`` of the row's
-crowd fields + one ``PEXPIREAT``, same keys and encoded values) with ``redis-cli --pipe``.
+loads the same facts from pre-generated raw commands (per row: one ``HSET`` of the row's fact
+field + one ``PEXPIREAT``, same keys and encoded values) with ``redis-cli --pipe``. A
+"membership" below is one field written: since issue 14 one fact field per row (before it, one
+record per crowd, ~2.3 per row): compare rows/s across versions.
 Each run starts from an empty private redis-server (default configuration). The loader's time
 includes its validation pass (row counting) and checkpoints; the pipe's time excludes command
 generation. The loader and the pipe are measured back to back in each of ``--rounds`` rounds
@@ -32,7 +34,7 @@ import redis
 
 from pricing_service.config import Settings, load_settings
 from pricing_service.logging import configure_logging
-from pricing_service.membership.derive import Ttls, snapshot_row
+from pricing_service.membership.derive import Ttls, encode_write, snapshot_row
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import make_redis
 from pricing_service.redis_pipe import encode_command
@@ -46,7 +48,7 @@ NS = "bench:"
 
 
 def make_pipe_file(snapshot: Path, path: Path, settings: Settings) -> int:
-    """Raw HSET + PEXPIREAT commands for the snapshot's rows; returns the membership count."""
+    """Raw HSET + PEXPIREAT commands for the snapshot's rows; returns the field count."""
     import csv  # noqa: PLC0415
 
     manifest = json.loads((snapshot / "manifest.json").read_text())
@@ -63,17 +65,15 @@ def make_pipe_file(snapshot: Path, path: Path, settings: Settings) -> int:
                 next(reader)
                 buf: list[bytes] = []
                 for user, seller, followed, count in reader:
-                    ws = snapshot_row(
+                    [w] = snapshot_row(
                         user, seller, parse_rfc3339_ms(followed), int(count), cut, ttls
                     )
+                    field, value = encode_write(w)
                     key = layout.user_key(user)
-                    args: list[str] = ["HSET", key]
-                    for w in ws:
-                        args.append(layout.crowd_field(w.crowd))
-                        args.append(layout.encode(w.version_ms, w.expires_ms, tombstone=False))
-                    buf.append(encode_command(tuple(args)))
-                    buf.append(encode_command(("PEXPIREAT", key, str(ws[0].expires_ms))))
-                    n += len(ws)
+                    buf.append(encode_command(("HSET", key, field, value)))
+                    expires = -(-(cut + ttls.membership_ms) // 1000) * 1000
+                    buf.append(encode_command(("PEXPIREAT", key, str(expires))))
+                    n += 1
                     if len(buf) > 20_000:
                         out.write(b"".join(buf))
                         buf.clear()
@@ -128,6 +128,9 @@ def measure_loader(
         report["python_cpu_us_per_membership"] = round(
             (time.process_time() - pcpu0) / report["memberships_written"] * 1e6, 2
         )
+        report["python_cpu_us_per_row"] = round(
+            (time.process_time() - pcpu0) / report["rows_read"] * 1e6, 2
+        )
     else:
         reports = load_parallel(settings, snap, jobs, batch_rows=args.batch_rows)
         dur = max(r["duration_s"] for r in reports)
@@ -137,10 +140,11 @@ def measure_loader(
             "memberships_written": written,
             "rows_read": sum(r["rows_read"] for r in reports),
             "memberships_per_s": round(written / dur),
+            "rows_per_s": round(sum(r["rows_read"] for r in reports) / dur),
         }
-    report["redis_cpu_us_per_membership"] = round(
-        (redis_cpu_s(server.url) - rcpu0) / report["memberships_written"] * 1e6, 2
-    )
+    rcpu = redis_cpu_s(server.url) - rcpu0
+    report["redis_cpu_us_per_membership"] = round(rcpu / report["memberships_written"] * 1e6, 2)
+    report["redis_cpu_us_per_row"] = round(rcpu / report["rows_read"] * 1e6, 2)
     keys, fields = count_fields(server.url)
     report["keys"], report["fields"] = keys, fields
     print(
@@ -242,6 +246,10 @@ def main() -> None:
                     "memberships": memberships,
                     "rounds": len(rounds),
                     "memberships_per_s": mid["best"],
+                    "rows_per_s": mid["results"][best_jobs]["rows_per_s"],
+                    "rows_per_s_per_round": [
+                        r["results"][r["best_jobs"]]["rows_per_s"] for r in rounds
+                    ],
                     "best_jobs": best_jobs,
                     **{
                         f"memberships_per_s_{j}proc": r["memberships_per_s"]
@@ -255,6 +263,8 @@ def main() -> None:
                     "python_cpu_us_per_membership_1proc": results.get(1, {}).get(
                         "python_cpu_us_per_membership"
                     ),
+                    "python_cpu_us_per_row_1proc": results.get(1, {}).get("python_cpu_us_per_row"),
+                    "redis_cpu_us_per_row_loader": results[best_jobs]["redis_cpu_us_per_row"],
                     "redis_cpu_us_per_membership_loader": results[best_jobs][
                         "redis_cpu_us_per_membership"
                     ],

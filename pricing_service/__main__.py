@@ -50,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     up = rsub.add_parser("upsert", help="create or replace the rule of (item, crowd)")
     up.add_argument("--seller", required=True)
     up.add_argument("--item", required=True)
-    up.add_argument("--crowd", required=True, choices=["all_fans", "old_fans", "purchased_fans"])
+    up.add_argument(
+        "--crowd",
+        required=True,
+        help="all_fans, old_fans, purchased_fans, or the id of one of the seller's crowds",
+    )
     up.add_argument("--price", required=True, help="decimal, e.g. 18.88")
     up.add_argument("--currency", required=True)
     up.add_argument("--start", default=None, help="RFC 3339 start time")
@@ -61,6 +65,34 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--item", default="")
     for cmd in (imp, up, ls):
         add_client_flags(cmd)
+
+    crowds = sub.add_parser("crowds", help="manage a seller's crowds in the rule store")
+    csub = crowds.add_subparsers(dest="crowds_command", required=True)
+    cc = csub.add_parser("create", help="define a crowd: a predicate (the options) or --list")
+    cc.add_argument("--seller", required=True)
+    cc.add_argument("--id", required=True, dest="crowd_id")
+    cc.add_argument("--name", default="", help="display name")
+    cc.add_argument("--min-follow-days", type=int, default=None)
+    cc.add_argument("--max-follow-days", type=int, default=None)
+    cc.add_argument("--min-purchases", type=int, default=None)
+    cc.add_argument("--purchased-within-days", type=int, default=None)
+    cc.add_argument("--list", action="store_true", help="an explicit list of buyers")
+    cc.add_argument("--actor", default="cli")
+    for name, what in (("get", "read one crowd"), ("delete", "delete a crowd no rule uses")):
+        c = csub.add_parser(name, help=what)
+        c.add_argument("--seller", required=True)
+        c.add_argument("--id", required=True, dest="crowd_id")
+        c.add_argument("--actor", default="cli")
+    cl = csub.add_parser("list", help="a seller's crowds")
+    cl.add_argument("--seller", required=True)
+    ch = csub.add_parser("history", help="a seller's crowd changes, newest first")
+    ch.add_argument("--seller", required=True)
+    for name, what in (("add", "add buyers to a list crowd"), ("remove", "remove buyers")):
+        c = csub.add_parser(name, help=f"{what} (bigger lists: sync-worker load-list)")
+        c.add_argument("--seller", required=True)
+        c.add_argument("--id", required=True, dest="crowd_id")
+        c.add_argument("--users", required=True, help="comma-separated buyer ids")
+        c.add_argument("--actor", default="cli")
 
     price = sub.add_parser("price", help="ask a running server for a buyer's prices")
     price.add_argument("--user", default="", help="buyer id (empty = anonymous)")
@@ -121,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(asyncio.run(rules_cli.migrate(settings)))
         elif command == "rules":
             sys.exit(asyncio.run(_rules(settings, args)))
+        elif command == "crowds":
+            sys.exit(asyncio.run(_crowds(settings, args)))
         elif command in ("price", "check"):
             from pricing_service import client_cli  # noqa: PLC0415
 
@@ -166,6 +200,43 @@ async def _rules(settings: Settings, args: argparse.Namespace) -> int:
             actor=args.actor,
         )
     return await rules_cli.list_rules(settings, seller_id=args.seller, item_id=args.item)
+
+
+async def _crowds(settings: Settings, args: argparse.Namespace) -> int:
+    from pricing_service.rules import crowd_cli  # noqa: PLC0415
+
+    cmd = args.crowds_command
+    if cmd == "create":
+        return await crowd_cli.create(
+            settings,
+            seller_id=args.seller,
+            crowd_id=args.crowd_id,
+            display_name=args.name,
+            min_follow_days=args.min_follow_days,
+            max_follow_days=args.max_follow_days,
+            min_purchases=args.min_purchases,
+            purchased_within_days=args.purchased_within_days,
+            as_list=args.list,
+            actor=args.actor,
+        )
+    if cmd == "get":
+        return await crowd_cli.get(settings, seller_id=args.seller, crowd_id=args.crowd_id)
+    if cmd == "delete":
+        return await crowd_cli.delete(
+            settings, seller_id=args.seller, crowd_id=args.crowd_id, actor=args.actor
+        )
+    if cmd == "list":
+        return await crowd_cli.list_all(settings, seller_id=args.seller)
+    if cmd == "history":
+        return await crowd_cli.history(settings, seller_id=args.seller)
+    return await crowd_cli.members(
+        settings,
+        seller_id=args.seller,
+        crowd_id=args.crowd_id,
+        users=[u.strip() for u in args.users.split(",") if u.strip()],
+        removed=cmd == "remove",
+        actor=args.actor,
+    )
 
 
 def serve(settings: Settings, otel: OtelSettings | None = None) -> int:

@@ -119,7 +119,17 @@ class Settings(BaseSettings):
         5000, ge=0, description="SQLite busy timeout / PostgreSQL lock wait for rule writes"
     )
     max_rules_per_item: int = Field(
-        3, ge=1, description="Rules one item may carry (one per crowd kind at most)"
+        8, ge=1, description="Rules one item may carry (one per crowd at most)"
+    )
+    max_crowds_per_seller: int = Field(
+        100, ge=1, le=100_000, description="Crowds one seller may define"
+    )
+    max_crowd_batch: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Buyers added to or removed from a list crowd per BatchUpdateCrowdMembers "
+        "call (bigger lists: a list file, sync-worker load-list)",
     )
     max_rule_batch: int = Field(
         1000, ge=1, le=100_000, description="Rules per BatchUpsertDiscountRules call"

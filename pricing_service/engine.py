@@ -2,19 +2,20 @@
 
 For one item: among the rules that are active at ``now`` (validity window ``[start, end)``) and
 whose crowd contains the buyer, the lowest price wins; ties go to the most specific crowd
-(purchased_fans > old_fans > all_fans), then to the smallest rule id. A rule price that is not
-below the list price is not applied.
+(a seller-defined crowd > purchased_fans > old_fans > all_fans), then to the smallest rule id.
+A rule price that is not below the list price is not applied. Crowds are identified by
+:data:`~pricing_service.domain.CrowdKey` tuples (``Rule.crowd_key``).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pricing_service.domain import Crowd, CrowdKind, Money, Rule
+from pricing_service.domain import Crowd, CrowdKey, CrowdKind, Money, Rule
 from pricing_service.errors import InvalidArgumentError
 
 
@@ -34,6 +35,8 @@ class Outcome(enum.IntEnum):
 class Evaluation:
     rule: Rule
     outcome: Outcome
+    #: why the buyer is in the rule's crowd or not (when membership was read)
+    reason: str = ""
 
 
 class Decision(NamedTuple):
@@ -56,28 +59,33 @@ def preference(rule: Rule) -> tuple[int, int, str]:
     return (rule.price.amount_minor, -rule.kind.specificity, rule.rule_id)
 
 
+def key_crowd(key: CrowdKey) -> Crowd:
+    seller, ref = key
+    if isinstance(ref, str):
+        return Crowd(seller, CrowdKind.SELLER_DEFINED, ref)
+    return Crowd(seller, ref)
+
+
 def crowds_to_check(rule_lists: Iterable[Sequence[Rule]], now_ms: int) -> list[Crowd]:
     """The distinct crowds of every active rule: what one membership lookup must answer."""
-    return [Crowd(seller, kind) for seller, kind in crowd_keys_to_check(rule_lists, now_ms)]
+    return [key_crowd(k) for k in crowd_keys_to_check(rule_lists, now_ms)]
 
 
-def crowd_keys_to_check(
-    rule_lists: Iterable[Sequence[Rule]], now_ms: int
-) -> list[tuple[str, CrowdKind]]:
-    """:func:`crowds_to_check` as ``(seller_id, kind)`` tuples (hashed in C, no ``Crowd``
-    built): the form :meth:`MembershipStore.member_keys` reads and :func:`decide_keyed` tests."""
-    seen: dict[tuple[str, CrowdKind], None] = {}
+def crowd_keys_to_check(rule_lists: Iterable[Sequence[Rule]], now_ms: int) -> list[CrowdKey]:
+    """:func:`crowds_to_check` as crowd keys (hashed in C, no ``Crowd`` built): the form
+    :meth:`MembershipStore.member_keys` reads and :func:`decide_keyed` tests."""
+    seen: dict[CrowdKey, None] = {}
     for rules in rule_lists:
         for r in rules:
             start, end = r.start_ms, r.end_ms
             if (start is None or start <= now_ms) and (end is None or now_ms < end):
-                seen[(r.seller_id, r.kind)] = None
+                seen[r.crowd_key] = None
     return list(seen)
 
 
-def member_keys(members: Iterable[Crowd]) -> frozenset[tuple[str, CrowdKind]]:
-    """``members`` as ``(seller_id, kind)`` tuples: the form :func:`decide_keyed` tests."""
-    return frozenset([(c.seller_id, c.kind) for c in members])
+def member_keys(members: Iterable[Crowd]) -> frozenset[CrowdKey]:
+    """``members`` as crowd keys: the form :func:`decide_keyed` tests."""
+    return frozenset([c.key for c in members])
 
 
 def check_currencies(field: str, list_price: Money | None, rules: Sequence[Rule]) -> None:
@@ -121,19 +129,21 @@ def decide(
 def decide_keyed(
     list_price: Money | None,
     rules: Sequence[Rule],
-    members: AbstractSet[tuple[str, CrowdKind]] | None,
+    members: AbstractSet[CrowdKey] | None,
     now_ms: int,
     *,
     explain: bool = False,
+    reasons: Mapping[CrowdKey, str] | None = None,
 ) -> Decision:
-    """:func:`decide` with the buyer's crowds as ``(seller_id, kind)`` tuples (:func:`member_keys`).
+    """:func:`decide` with the buyer's crowds as crowd keys (:func:`member_keys`).
 
     The form a page's loop uses: one conversion per page instead of a ``Crowd`` per rule.
+    ``reasons`` (explain): why the buyer is in each crowd or not.
     """
     if not rules:
         return Decision(list_price, None)
     if explain:
-        return _decide_explained(list_price, rules, members, now_ms)
+        return _decide_explained(list_price, rules, members, now_ms, reasons or {})
     best: Rule | None = None
     best_amount = 0
     best_spec = 0
@@ -144,7 +154,7 @@ def decide_keyed(
             (start is not None and now_ms < start)
             or (end is not None and now_ms >= end)
             or members is None
-            or (r.seller_id, r.kind) not in members
+            or r.crowd_key not in members
         ):
             continue
         amount = r.price.amount_minor
@@ -165,8 +175,9 @@ def decide_keyed(
 def _decide_explained(
     list_price: Money | None,
     rules: Sequence[Rule],
-    members: AbstractSet[tuple[str, CrowdKind]] | None,
+    members: AbstractSet[CrowdKey] | None,
     now_ms: int,
+    reasons: Mapping[CrowdKey, str],
 ) -> Decision:
     best: Rule | None = None
     best_key: tuple[int, int, str] | None = None
@@ -179,7 +190,7 @@ def _decide_explained(
             outcome = Outcome.ENDED
         elif members is None:
             outcome = Outcome.MEMBERSHIP_UNKNOWN
-        elif (r.seller_id, r.kind) not in members:
+        elif r.crowd_key not in members:
             outcome = Outcome.NOT_A_MEMBER
         elif limit is not None and r.price.amount_minor >= limit:
             outcome = Outcome.ABOVE_LIST_PRICE
@@ -189,7 +200,10 @@ def _decide_explained(
                 best, best_key = r, key
             outcome = Outcome.OUTBID  # corrected below for the winner
         outcomes.append((r, outcome))
-    evaluations = tuple(Evaluation(r, Outcome.APPLIED if r is best else o) for r, o in outcomes)
+    evaluations = tuple(
+        Evaluation(r, Outcome.APPLIED if r is best else o, reasons.get(r.crowd_key, ""))
+        for r, o in outcomes
+    )
     if best is None:
         return Decision(list_price, None, evaluations)
     return Decision(best.price, best, evaluations)

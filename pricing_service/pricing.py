@@ -17,7 +17,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from pricing_service.breaker import CircuitBreaker
-from pricing_service.domain import Clock, Crowd, CrowdKind, Money, Rule
+from pricing_service.crowds import CrowdDef
+from pricing_service.domain import Clock, Crowd, CrowdKey, Money, Rule
 from pricing_service.engine import (
     Decision,
     check_currencies,
@@ -56,9 +57,12 @@ class RuleSource(Protocol):
 
 
 class StrictRuleSource(Protocol):
-    """The rule store itself (CheckDiscountStrict reads it directly)."""
+    """The rule store itself (CheckDiscountStrict reads it directly): an item's rules, the
+    seller crowds they target, and the rule revision, from one snapshot."""
 
-    async def rules_for_item(self, item_id: str) -> tuple[list[Rule], int]: ...
+    async def rules_with_crowds(
+        self, item_id: str
+    ) -> tuple[list[Rule], dict[CrowdKey, CrowdDef], int]: ...
 
 
 class PriceQuery(NamedTuple):
@@ -165,15 +169,16 @@ class PricingCore:
         for i, (q, rules) in enumerate(zip(queries, rule_lists, strict=True)):
             if rules:
                 check_currencies(f"items[{i}]", q.list_price, rules)
-        keys: frozenset[tuple[str, CrowdKind]] | None = frozenset()
+        keys: frozenset[CrowdKey] | None = frozenset()
+        reasons: dict[CrowdKey, str] | None = {} if explain else None
         if user_id:
             crowds = crowd_keys_to_check(rule_lists, now)
             if crowds:
-                keys = await self._lookup(user_id, crowds, time_remaining_s)
+                keys = await self._lookup(user_id, crowds, time_remaining_s, reasons)
                 if keys is None:
                     degraded = True
         decisions = [
-            decide_keyed(q.list_price, rules, keys, now, explain=explain)
+            decide_keyed(q.list_price, rules, keys, now, explain=explain, reasons=reasons)
             for q, rules in zip(queries, rule_lists, strict=True)
         ]
         return BatchResult(decisions, degraded, revision)
@@ -221,9 +226,14 @@ class PricingCore:
         ], False
 
     async def _lookup(
-        self, user_id: str, crowds: list[tuple[str, CrowdKind]], time_remaining_s: float | None
-    ) -> frozenset[tuple[str, CrowdKind]] | None:
-        """One membership round trip within budget; ``None`` means degrade to list prices."""
+        self,
+        user_id: str,
+        crowds: list[CrowdKey],
+        time_remaining_s: float | None,
+        reasons: dict[CrowdKey, str] | None = None,
+    ) -> frozenset[CrowdKey] | None:
+        """One membership round trip within budget; ``None`` means degrade to list prices.
+        ``reasons`` (explain) receives why the buyer is in each crowd or not."""
         if not self.breaker.allow():
             self._degraded("breaker_open")
             return None
@@ -234,7 +244,9 @@ class PricingCore:
         started = self.breaker.now()
         start = time.perf_counter()
         try:
-            members = await self.membership.member_keys(user_id, crowds, timeout_s=budget)
+            members = await self.membership.member_keys(
+                user_id, crowds, timeout_s=budget, reasons=reasons
+            )
         except (TimeoutError, RedisError, OSError) as exc:
             self.breaker.failure(started)
             cause = "timeout" if isinstance(exc, TimeoutError) else "redis_error"
@@ -263,7 +275,7 @@ class PricingCore:
         try:
             async with asyncio.timeout(self._strict_budget(time_remaining_s, share=0.5)):
                 with rule_store_read(self.tracing, 1):
-                    rules, revision = await self.rules.rules_for_item(item_id)
+                    rules, definitions, revision = await self.rules.rules_with_crowds(item_id)
         except TimeoutError:
             self.metrics.strict_refusals.labels("RULE_STORE_TIMEOUT").inc()
             raise UnavailableError(
@@ -279,7 +291,9 @@ class PricingCore:
         wanted = next((r for r in rules if r.rule_id == rule_id), None) if rule_id else None
         if not active or (wanted is not None and not wanted.active(now)):
             return StrictResult(Verdict.RULE_NOT_ACTIVE, None, wanted, 0, revision)
-        as_of, members = await self._strict_membership(user_id, active, time_remaining_s)
+        as_of, members = await self._strict_membership(
+            user_id, active, definitions, time_remaining_s
+        )
         applicable = [r for r in active if r.crowd in members]
         if expected_price is not None:
             applicable = [r for r in applicable if r.price.currency == expected_price.currency] or (
@@ -303,9 +317,14 @@ class PricingCore:
         return budget
 
     async def _strict_membership(
-        self, user_id: str, active: list[Rule], time_remaining_s: float | None
+        self,
+        user_id: str,
+        active: list[Rule],
+        definitions: dict[CrowdKey, CrowdDef],
+        time_remaining_s: float | None,
     ) -> tuple[int, frozenset[Crowd]]:
-        """Watermark first, then membership, both from the primary: fail closed."""
+        """Watermark first, then membership, both from the primary: fail closed. Seller crowds
+        are decided with the definitions read from the store with the rules."""
         crowds = list(dict.fromkeys(r.crowd for r in active))
         if time_remaining_s is not None and time_remaining_s <= 0:
             raise DeadlineExceededError("deadline expired before membership could be read")
@@ -320,7 +339,7 @@ class PricingCore:
                     )
                 with redis_command(self.tracing, "HMGET", {"pricing.crowds": len(crowds)}):
                     members = await self.membership.member_crowds(
-                        user_id, crowds, redis=self.primary
+                        user_id, crowds, redis=self.primary, resolve=definitions
                     )
         except TimeoutError:
             self.metrics.strict_refusals.labels("REDIS_TIMEOUT").inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 
@@ -26,6 +27,7 @@ from redis.exceptions import RedisError
 from pricing.v1 import admin_pb2, admin_pb2_grpc, pricing_pb2, pricing_pb2_grpc
 from pricing_service.breaker import CircuitBreaker
 from pricing_service.config import Settings
+from pricing_service.crowds import CrowdDef
 from pricing_service.domain import Clock, SystemClock
 from pricing_service.interceptors import RpcPipeline
 from pricing_service.membership.layout import MembershipLayout
@@ -35,6 +37,7 @@ from pricing_service.pricing import PricingCore
 from pricing_service.ratelimit import RateLimiter
 from pricing_service.redis_client import is_cluster, make_redis
 from pricing_service.redis_pipe import ClientReader, PipelinedReader
+from pricing_service.rules.crowd_index import CrowdIndex
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.store import open_rule_store
 from pricing_service.runtime import MethodTable, RuntimeServer, ServerParts, select_runtime
@@ -88,6 +91,7 @@ class PricingServer:
         self.health = HealthServicer()
         self.port = 0
         self.index: RuleIndex | None = None
+        self.crowds: CrowdIndex | None = None
         self.core: PricingCore | None = None
         self._serving: bool | None = None
         self._shutting_down = False
@@ -125,9 +129,30 @@ class PricingServer:
             stack.push_async_callback(reader.aclose)
         elif tracing is not None:  # redis-py's page reads, with the reader's HMGET span
             reader = ClientReader(redis, tracing=tracing)
-        membership = MembershipStore(redis, layout, self.clock, self.metrics, reader=reader)
+        membership = MembershipStore(
+            redis,
+            layout,
+            self.clock,
+            self.metrics,
+            reader=reader,
+            old_fan_min_days=s.old_fan_min_days,
+        )
+
+        async def publish_lists(created: Sequence[CrowdDef], deleted: Sequence[CrowdDef]) -> None:
+            await membership.unregister_lists(deleted)
+            await membership.register_lists(created)
+
+        self.crowds = crowds = CrowdIndex(
+            store,
+            s.rule_refresh_interval_ms / 1000,
+            on_lists=publish_lists,
+            on_change=membership.crowds_changed,
+        )
+        await stack.enter_async_context(crowds)
+        membership.crowds = crowds.by_key
         with contextlib.suppress(RedisError, OSError):
             await membership.load_script()  # readers do not need it; a write-capable warm-up
+            await membership.check_layout_marker()
         await _check_listpack_limit(redis)
 
         def breaker_changed(is_open: bool) -> None:
@@ -187,7 +212,7 @@ class PricingServer:
             methods,
         )
         admin_pb2_grpc.add_DiscountAdminServiceServicer_to_server(
-            DiscountAdminServicer(store, s, self.clock), methods
+            DiscountAdminServicer(store, s, self.clock, membership), methods
         )
 
         def add_grpcio_services(server: grpc.aio.Server) -> None:
@@ -218,7 +243,7 @@ class PricingServer:
         await server.start()
         self._server = server
         await self._update_health()
-        monitor = asyncio.create_task(self._health_loop(redis), name="health-monitor")
+        monitor = asyncio.create_task(self._health_loop(redis, membership), name="health-monitor")
         stack.push_async_callback(_cancel, monitor)
         # Everything loaded so far (rule index, clients, modules) lives as long as the process:
         # move it out of the collector's generations, so a full collection walks only what
@@ -235,8 +260,12 @@ class PricingServer:
         )
 
     async def _update_health(self, redis_ok: bool = True) -> None:
-        index = self.index
-        ok = bool(index is not None and index.loaded and redis_ok) and not self._shutting_down
+        index, crowds = self.index, self.crowds
+        ok = (
+            bool(index is not None and index.loaded and crowds is not None and crowds.loaded)
+            and redis_ok
+            and not self._shutting_down
+        )
         if ok == self._serving:
             return
         self._serving = ok
@@ -249,7 +278,7 @@ class PricingServer:
             await self.health.set(name, status)
         log.info("health_changed", serving=ok)
 
-    async def _health_loop(self, redis: aioredis.Redis) -> None:
+    async def _health_loop(self, redis: aioredis.Redis, membership: MembershipStore) -> None:
         # Ends by itself once shutdown starts: a cancellation that lands inside the ping can be
         # swallowed (redis-py / asyncio.timeout), and awaiting the cancelled task then hung the
         # shutdown forever (found by tests/fault: SIGTERM while Redis was slow).
@@ -257,6 +286,8 @@ class PricingServer:
             try:
                 async with asyncio.timeout(0.5):
                     await redis.ping()
+                    if membership.legacy_reads:  # until `sync-worker migrate-membership` ran
+                        await membership.check_layout_marker()
                 ok = True
             except (TimeoutError, RedisError, OSError):
                 ok = False

@@ -2,8 +2,9 @@
 """`make run`: the whole system on this machine with demo data.
 
 Finds Redis (PRICING_REDIS_URL if it answers, else a private redis-server), starts
-`pricing-service serve` and `sync-worker consume`, creates demo rules through the admin API,
-loads a demo snapshot with `sync-worker load-snapshot`, publishes a few live events with
+`pricing-service serve` and `sync-worker consume`, creates demo rules through the admin API -
+one of them for a crowd the seller defines (`newfans`: followed at most 7 days) - loads a demo
+snapshot with `sync-worker load-snapshot`, publishes a few live events with
 `sync-worker publish`, prints queries to paste, and runs until Ctrl-C.
 Everything it writes lives under .demo/ and the Redis namespace `demo:`.
 """
@@ -146,7 +147,35 @@ def main() -> None:
                 metadata=(("authorization", f"Bearer {TOKEN}"), ("x-actor", "demo")),
                 timeout=5,
             )  # fmt: skip
-    say(f"{len(RULES)} demo rules upserted through DiscountAdminService")
+        # a crowd seller 42 defines: fans of at most a week, who get a welcome price on 1002
+        try:
+            admin.CreateCrowd(
+                admin_pb2.CreateCrowdRequest(
+                    crowd=admin_pb2.Crowd(
+                        seller_id="42", crowd_id="newfans", display_name="Followed this week",
+                        predicate=admin_pb2.CrowdPredicate(max_follow_days=7),
+                    )
+                ),
+                metadata=(("authorization", f"Bearer {TOKEN}"), ("x-actor", "demo")),
+                timeout=5,
+            )  # fmt: skip
+        except grpc.RpcError as err:  # a second `make run`: the crowd is there from the first
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        admin.UpsertDiscountRule(
+            admin_pb2.UpsertDiscountRuleRequest(
+                rule=admin_pb2.DiscountRule(
+                    seller_id="42", item_id="1002", crowd_id="newfans",
+                    price=common_pb2.Money(currency_code="CNY", amount_minor=7900),
+                )
+            ),
+            metadata=(("authorization", f"Bearer {TOKEN}"), ("x-actor", "demo")),
+            timeout=5,
+        )  # fmt: skip
+    say(
+        f"{len(RULES) + 1} demo rules upserted through DiscountAdminService, one for the crowd "
+        "sellers/42/crowds/newfans (followed at most 7 days)"
+    )
 
     write_snapshot(DEMO / "snapshot")
     subprocess.run(
@@ -164,7 +193,8 @@ def main() -> None:
 
     exports = (
         f"export PRICING_LISTEN={listen} PRICING_REDIS_URL={redis_url} PRICING_REDIS_NAMESPACE=demo: "
-        "PRICING_EVENTS_STREAM=demo:pricing:relation-events"
+        f"PRICING_EVENTS_STREAM=demo:pricing:relation-events "
+        f"PRICING_RULE_STORE_URL=sqlite:///{DEMO / 'pricing.db'}"
     )
     venv = f"source {BIN.parent}/bin/activate"
     print(
@@ -175,10 +205,12 @@ Ready. In another terminal:
   {exports}
 
   pricing-service price --user alice  --items 1001=25.00,1002=99.00,2001=8.00   # 17.50 (buyer), 89.00
-  pricing-service price --user bob    --items 1001=25.00,1002=99.00             # 19.90, 89.00
+  pricing-service price --user bob    --items 1001=25.00,1002=99.00             # 19.90, 79.00 (newfans)
+  pricing-service price --user alice  --items 1002=99.00 --explain              # "followed 90 days ago, this crowd takes at most 7"
   pricing-service price --user nobody --items 1001=25.00,1002=99.00             # list prices
   pricing-service price --user alice  --items 1001=25.00 --explain              # why
   pricing-service check --user alice  --item 1001 --expected-price 17.50        # checkout: ELIGIBLE
+  pricing-service crowds list --seller 42                                       # the seller's crowds
 
   sync-worker publish --type unfollow --user alice --seller 42                  # then ask again
   grpcurl -plaintext -d '{{"user_id":"dave","items":[{{"item_id":"1001"}}]}}' {listen} pricing.v1.PricingService/BatchGetLowestPrice

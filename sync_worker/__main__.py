@@ -6,6 +6,8 @@ Commands::
     sync-worker consume
     sync-worker publish --type follow --user U --seller S [--at RFC3339] [--event-id ID]
     sync-worker publish --file events.jsonl
+    sync-worker load-list --seller S --crowd C FILE [--at RFC3339]
+    sync-worker migrate-membership
     sync-worker status
 
 Configuration: ``PRICING_*`` environment variables (:mod:`pricing_service.config`).
@@ -69,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--event-id", default=None)
     pub.add_argument("--file", default=None, help="JSON lines: type, user_id, seller_id, ...")
     sub.add_parser("status", help="watermark, lag, pending entries, dead letters (JSON)")
+    ll = sub.add_parser(
+        "load-list", help="load a list file (user_id[,action] CSV) into a seller's list crowd"
+    )
+    ll.add_argument("file")
+    ll.add_argument("--seller", required=True)
+    ll.add_argument("--crowd", required=True, help="the list crowd's id")
+    ll.add_argument("--at", default=None, help="RFC 3339 time of the list (default: now)")
+    ll.add_argument("--batch-rows", type=int, default=None, help="buyers per write batch")
+    sub.add_parser(
+        "migrate-membership",
+        help="convert every buyer hash of the layout before crowds-as-facts, then set the "
+        "marker that ends legacy reads (run once every sync worker runs this version)",
+    )
     return p
 
 
@@ -88,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = asyncio.run(_consume(settings))
         elif args.command == "publish":
             code = asyncio.run(_publish(settings, args, parser))
+        elif args.command == "load-list":
+            code = asyncio.run(_load_list(settings, args, parser))
+        elif args.command == "migrate-membership":
+            code = asyncio.run(_migrate(settings))
         else:
             code = asyncio.run(_status(settings))
     except PricingError as exc:
@@ -284,6 +303,42 @@ async def _publish(
     print(json.dumps({"published": len(ids), "first_id": ids[0] if ids else None,
                       "last_id": ids[-1] if ids else None}))  # fmt: skip
     return 0
+
+
+# --- lists and migration ---------------------------------------------------------------------
+async def _load_list(
+    settings: Settings, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> int:
+    from sync_worker.lists import ListLoader  # noqa: PLC0415
+
+    at = None
+    if args.at:
+        try:
+            at = parse_rfc3339_ms(args.at)
+        except TimeFormatError as exc:
+            parser.error(str(exc))
+    redis = make_redis(settings, socket_timeout_ms=max(settings.redis_socket_timeout_ms, 10_000))
+    try:
+        loader = ListLoader(settings, redis, batch_rows=args.batch_rows)
+        report = await loader.load(args.seller, args.crowd, args.file, at_ms=at)
+    finally:
+        await redis.aclose()
+    out = report.as_dict()
+    log.info("list_load_finished", **out)
+    print(json.dumps(out), flush=True)
+    return 0 if report.ok else 1
+
+
+async def _migrate(settings: Settings) -> int:
+    from sync_worker.lists import migrate_membership  # noqa: PLC0415
+
+    redis = make_redis(settings, socket_timeout_ms=max(settings.redis_socket_timeout_ms, 10_000))
+    try:
+        out = await migrate_membership(settings, redis)
+    finally:
+        await redis.aclose()
+    print(json.dumps(out), flush=True)
+    return 0 if out["marker_set"] else 1
 
 
 # --- status -----------------------------------------------------------------------------------------

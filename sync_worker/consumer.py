@@ -160,7 +160,6 @@ class ConsumerStats:
     events_applied: int = 0
     writes_applied: int = 0
     writes_stale: int = 0
-    condition_unmet: int = 0
     expired_events: int = 0
     reclaimed: int = 0
     retried_entries: int = 0
@@ -181,7 +180,6 @@ class ConsumerStats:
             "events_applied": self.events_applied,
             "writes_applied": self.writes_applied,
             "writes_stale": self.writes_stale,
-            "condition_unmet": self.condition_unmet,
             "expired_events": self.expired_events,
             "reclaimed": self.reclaimed,
             "retried_entries": self.retried_entries,
@@ -256,7 +254,9 @@ class StreamConsumer:
         self.block_ms: int | None = block or None
         self.clock = clock or SystemClock()
         self.layout = MembershipLayout(settings.redis_namespace)
-        self.store = MembershipStore(self.redis, self.layout, self.clock)
+        self.store = MembershipStore(
+            self.redis, self.layout, self.clock, old_fan_min_days=settings.old_fan_min_days
+        )
         self.ttls = Ttls.from_seconds(
             settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
         )
@@ -525,7 +525,6 @@ class StreamConsumer:
         st.expired_events += expired
         st.writes_applied += result.applied
         st.writes_stale += result.stale
-        st.condition_unmet += result.condition_unmet
 
     async def _dead_letter(self, dead: list[tuple[Entry, str, str]], now: int) -> None:
         """XADD each entry, with its reason, to the dead-letter stream (one round trip)."""

@@ -5,16 +5,20 @@ A snapshot is a directory with ``manifest.json``::
     {"snapshot_time": "2025-06-01T00:00:00Z", "files": ["part-0000.csv", ...], "rows": 123}
 
 and part files: CSV with the header ``user_id,seller_id,followed_at,purchase_count``
-(``followed_at`` RFC 3339), or Parquet (``.parquet``, needs the ``parquet`` extra: pyarrow) with
-the same columns (``followed_at`` a timestamp or an RFC 3339 string).
+(``followed_at`` RFC 3339), optionally followed by ``,last_purchase_at`` (RFC 3339 or empty:
+the time of the buyer's last purchase from the seller, which crowds like "bought within 30
+days" need), or Parquet (``.parquet``, needs the ``parquet`` extra: pyarrow) with the same
+columns (times as timestamps or RFC 3339 strings).
 
 Before anything is written the whole snapshot is validated: the manifest, every part's format
 and header, and a counting pass over every part whose total must equal ``rows`` (Parquet:
 footer metadata). A snapshot whose cut is older than ``snapshot_max_age_s`` (it could resurrect
 relations whose unfollow tombstones have expired) or in the future is refused.
 
-Every write has version = the cut time and expiry = cut + membership TTL (last writer wins, so
-loading a snapshot again, or after a crash, changes nothing). Progress is checkpointed per part
+Each row writes the facts of its (buyer, seller) relation (:func:`~pricing_service.membership.
+derive.snapshot_row`): the follow (version = the cut, following since ``followed_at``) and the
+purchases as of the cut, each expiring at cut + membership TTL, merged order-independently, so
+loading a snapshot again, or after a crash, changes nothing. Progress is checkpointed per part
 in the hash ``MembershipLayout.snapshot_checkpoint_key(snapshot_id)`` (field = part file name,
 value = JSON ``{"offset": rows done, "written", "stale", "rejected": {reason: n}}``), written
 after each batch's writes succeeded: a load killed at any moment resumes from the last
@@ -64,6 +68,8 @@ log = structlog.get_logger("sync_worker.snapshot")
 
 MANIFEST: Final = "manifest.json"
 COLUMNS: Final = ("user_id", "seller_id", "followed_at", "purchase_count")
+#: The optional fifth column.
+LAST_PURCHASE: Final = "last_purchase_at"
 HEADER: Final = ",".join(COLUMNS)
 #: A ``followed_at`` may be this much later than the cut (clocks of the exporting systems).
 CLOCK_SKEW_MS: Final = 5 * 60 * 1000
@@ -152,15 +158,20 @@ def part_format(name: str) -> str | None:
     return None
 
 
-def _csv_rows(f: TextIO, path: Path) -> Iterator[list[str]]:
-    """CSV records after checking the header (refuses the part when it is wrong)."""
+def _csv_rows(f: TextIO, path: Path) -> tuple[Iterator[list[str]], int]:
+    """CSV records after checking the header (refuses the part when it is wrong), and the
+    number of columns (4, or 5 with ``last_purchase_at``)."""
     reader = csv.reader(f)
     header = next(reader, None)
-    if header is None or [h.strip().lstrip("\ufeff") for h in header] != list(COLUMNS):
+    names = [h.strip().lstrip("\ufeff") for h in header or []]
+    if names not in (list(COLUMNS), [*COLUMNS, LAST_PURCHASE]):
         raise _bad(
-            path.name, f"header must be {HEADER!r}, got {','.join(header or [])!r}", "BAD_HEADER"
+            path.name,
+            f"header must be {HEADER!r} (optionally ,{LAST_PURCHASE}), "
+            f"got {','.join(header or [])!r}",
+            "BAD_HEADER",
         )
-    return filter(None, reader)  # blank lines (empty records) are not rows
+    return filter(None, reader), len(names)  # blank lines (empty records) are not rows
 
 
 def count_rows(path: Path) -> int:
@@ -178,7 +189,7 @@ def count_rows(path: Path) -> int:
         return fast
     with path.open(newline="", encoding="utf-8") as f:
         n = 0
-        for _ in _csv_rows(f, path):
+        for _ in _csv_rows(f, path)[0]:
             n += 1
         return n
 
@@ -271,6 +282,7 @@ class RowParser:
         part: str,
         row_no: int,
         out: list[MembershipWrite],
+        last: str | int | None = None,
     ) -> None:
         """Append the row's writes to ``out``, or count it as rejected."""
         max_len = self.max_id_length
@@ -313,7 +325,20 @@ class RowParser:
         if n < 0:
             self.reject("NEGATIVE_PURCHASE_COUNT", part, row_no, count)
             return
-        out.extend(snapshot_row(user, seller, f_ms, n, self.cut_ms, self.ttls))
+        last_ms = 0
+        if last is not None and last != "":
+            got = last if isinstance(last, int) else self.followed_ms(last)
+            if got is None:
+                self.reject("BAD_LAST_PURCHASE_AT", part, row_no, last)
+                return
+            if got > self.cut_ms + CLOCK_SKEW_MS:
+                self.reject("LAST_PURCHASE_AFTER_CUT", part, row_no, last)
+                return
+            if n < 1:
+                self.reject("LAST_PURCHASE_WITHOUT_COUNT", part, row_no, (count, last))
+                return
+            last_ms = got
+        out.extend(snapshot_row(user, seller, f_ms, n, self.cut_ms, self.ttls, last_ms))
 
 
 def _id_reason(which: str, problem: str | None) -> str:
@@ -329,11 +354,8 @@ class Batch:
     part: str
     end: int
     rows: int
-    #: the fast path's writes: fields by buyer, all carrying ``value`` (apply_same_value)
-    fields: dict[str, list[str]]
-    value: str | None
-    #: the other rows' writes: Lua ARGV triples by buyer (apply_args)
-    args: dict[str, list[str]]
+    #: the writes: Lua ARGV pairs (field, value) by buyer (apply_args)
+    args: dict[str, list[str | bytes]]
     #: writes dropped while encoding (outside the layout's time range), counted as stale
     stale: int
     rejected: collections.Counter[str]
@@ -343,18 +365,18 @@ def _batch(
     part: str,
     end: int,
     rows: int,
-    fields: dict[str, list[str]],
+    args: dict[str, list[str | bytes]],
     slow_writes: list[MembershipWrite],
     parser: RowParser,
     rejected: collections.Counter[str],
 ) -> Batch:
-    """A batch of the fast path's ``fields`` plus the writes of rows that took the slow path."""
+    """A batch of the fast path's ``args`` plus the writes of rows that took the slow path
+    (merges commute, so their order among the fast path's does not matter)."""
     enc = parser.encoder
     stale, enc.stale = enc.stale, 0
-    args: dict[str, list[str]] = {}
     if slow_writes:
         stale += group_writes(slow_writes, args)
-    return Batch(part, end, rows, fields, enc.value, args, stale, rejected)
+    return Batch(part, end, rows, args, stale, rejected)
 
 
 def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> Iterator[Batch]:
@@ -368,25 +390,27 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
     add_row = parser.encoder.add
     slow = parser.row
     with path.open(newline="", encoding="utf-8") as f:
-        reader = _csv_rows(f, path)
+        reader, ncols = _csv_rows(f, path)
         pos = 0
         for _ in range(start):  # resume: skip the rows already loaded
             if next(reader, None) is None:
                 break
             pos += 1
-        args: dict[str, list[str]] = {}
+        args: dict[str, list[str | bytes]] = {}
         writes: list[MembershipWrite] = []  # rows of the slow path
         n = 0
         before = parser.rejected.copy()
         for rec in reader:
             pos += 1
             n += 1
-            if len(rec) != 4:
+            if len(rec) != ncols:
                 parser.reject("WRONG_COLUMN_COUNT", name, pos, rec)
             else:
-                user, seller, followed, count = rec
+                user, seller, followed, count = rec[0], rec[1], rec[2], rec[3]
+                last = rec[4] if ncols == 5 else ""
                 if (
-                    0 < len(user) <= max_len
+                    not last
+                    and 0 < len(user) <= max_len
                     and 0 < len(seller) <= max_len
                     and len(followed) >= 20
                     and count.isdecimal()
@@ -408,7 +432,7 @@ def _csv_batches(path: Path, start: int, batch_rows: int, parser: RowParser) -> 
                                 )
                                 args, writes, n, before = {}, [], 0, parser.rejected.copy()
                             continue
-                slow(user, seller, followed, count, name, pos, writes)
+                slow(user, seller, followed, count, name, pos, writes, last)
             if n >= batch_rows:
                 yield _batch(name, pos, n, args, writes, parser, parser.rejected - before)
                 args, writes, n, before = {}, [], 0, parser.rejected.copy()
@@ -426,8 +450,10 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
     max_len = parser.max_id_length
     add_row = parser.encoder.add
     pf = pq.ParquetFile(path)
+    with_last = LAST_PURCHASE in pf.schema_arrow.names
+    columns = [*COLUMNS, LAST_PURCHASE] if with_last else list(COLUMNS)
     pos = 0
-    for rb in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
         if pos + rb.num_rows <= start:
             pos += rb.num_rows
             continue
@@ -444,15 +470,23 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
         else:
             followed = [str(v) if v is not None else None for v in fcol.to_pylist()]
         counts = rb.column("purchase_count").to_pylist()
+        lasts: list[Any] = [None] * rb.num_rows
+        if with_last:
+            lcol = rb.column(LAST_PURCHASE)
+            if pa.types.is_timestamp(lcol.type):
+                lasts = pc.cast(pc.cast(lcol, pa.timestamp("ms", tz="UTC")), pa.int64()).to_pylist()
+            else:
+                lasts = [str(v) if v is not None else None for v in lcol.to_pylist()]
         before = parser.rejected.copy()
-        fields: dict[str, list[str]] = {}
+        fields: dict[str, list[str | bytes]] = {}
         writes: list[MembershipWrite] = []  # rows of the slow path
         for i in range(rb.num_rows):
-            u, sl, f, c = users[i], sellers[i], followed[i], counts[i]
+            u, sl, f, c, lp = users[i], sellers[i], followed[i], counts[i], lasts[i]
             # the fast path (typed columns, valid values): exactly what RowParser.row accepts
             # for these types, straight to the encoder
             if (
-                type(u) is str
+                lp is None
+                and type(u) is str
                 and type(sl) is str
                 and type(f) is int
                 and type(c) is int
@@ -473,6 +507,7 @@ def _parquet_batches(path: Path, start: int, batch_rows: int, parser: RowParser)
                 name,
                 pos + i + 1,
                 writes,
+                lp,
             )
         pos += rb.num_rows
         yield _batch(name, pos, rb.num_rows, fields, writes, parser, parser.rejected - before)
@@ -642,7 +677,9 @@ class SnapshotLoader:
         self.redis = redis
         self.clock = clock or SystemClock()
         self.layout = MembershipLayout(settings.redis_namespace)
-        self.store = MembershipStore(redis, self.layout, self.clock)
+        self.store = MembershipStore(
+            redis, self.layout, self.clock, old_fan_min_days=settings.old_fan_min_days
+        )
         self.ttls = Ttls.from_seconds(
             settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
         )
@@ -866,37 +903,36 @@ class SnapshotLoader:
 
     async def _apply(self, batch: Batch) -> ApplyResult:
         result = ApplyResult(stale=batch.stale)
-        if batch.fields:
-            assert batch.value is not None  # the encoder writes nothing without one
-            value = batch.value
-            result.add(
-                await self._retrying(lambda: self.store.apply_same_value(batch.fields, value))
-            )
         if batch.args:
             result.add(await self._retrying(lambda: self.store.apply_args(batch.args)))
         return result
 
     async def _retrying(self, op: Callable[[], Any]) -> Any:
-        """Run ``op``; on a Redis outage retry with backoff, logging once, up to a deadline."""
-        since: float | None = None
-        delay = 0.05
-        while True:
-            try:
-                result = await op()
-            except OUTAGE_ERRORS as exc:
-                now = time.monotonic()
-                if since is None:
-                    since = now
-                    log.warning("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
-                if now - since > self.outage_give_up_s:
-                    raise UnavailableError(
-                        f"Redis unreachable for {self.outage_give_up_s:.0f}s; run the load "
-                        "again to resume from the last checkpoint",
-                        reason="REDIS_UNAVAILABLE",
-                    ) from exc
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            if since is not None:
-                log.info("redis_recovered", outage_ms=round((time.monotonic() - since) * 1000))
-            return result
+        return await retrying(op, self.outage_give_up_s)
+
+
+async def retrying(op: Callable[[], Any], give_up_s: float) -> Any:
+    """Run ``op``; on a Redis outage retry with backoff, logging once, up to ``give_up_s``
+    (then UNAVAILABLE: a load run again resumes from its last checkpoint)."""
+    since: float | None = None
+    delay = 0.05
+    while True:
+        try:
+            result = await op()
+        except OUTAGE_ERRORS as exc:
+            now = time.monotonic()
+            if since is None:
+                since = now
+                log.warning("redis_unavailable", error=f"{type(exc).__name__}: {exc}")
+            if now - since > give_up_s:
+                raise UnavailableError(
+                    f"Redis unreachable for {give_up_s:.0f}s; run the load again to resume "
+                    "from the last checkpoint",
+                    reason="REDIS_UNAVAILABLE",
+                ) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if since is not None:
+            log.info("redis_recovered", outage_ms=round((time.monotonic() - since) * 1000))
+        return result

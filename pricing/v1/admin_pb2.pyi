@@ -36,6 +36,7 @@ class DiscountRule(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """Server-assigned when empty."""
     seller_id: _builtins.str
@@ -43,6 +44,10 @@ class DiscountRule(_message.Message):
     crowd: _common_pb2.CrowdKind.ValueType
     revision: _builtins.int
     """Output only: store revision of the last change."""
+    crowd_id: _builtins.str
+    """The seller's crowd the rule targets (crowd then CROWD_KIND_SELLER_DEFINED, or
+    unspecified on input). The name of a built-in crowd ("old_fans") means that crowd.
+    """
     @_builtins.property
     def price(self) -> _common_pb2.Money: ...
     @_builtins.property
@@ -72,10 +77,11 @@ class DiscountRule(_message.Message):
         revision: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        crowd_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "price", b"price", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "crowd", b"crowd", "end_time", b"end_time", "item_id", b"item_id", "price", b"price", "revision", b"revision", "rule_id", b"rule_id", "seller_id", b"seller_id", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "crowd", b"crowd", "crowd_id", b"crowd_id", "end_time", b"end_time", "item_id", b"item_id", "price", b"price", "revision", b"revision", "rule_id", b"rule_id", "seller_id", b"seller_id", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,3 +394,466 @@ class ListRuleHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRuleHistoryResponse: _TypeAlias = ListRuleHistoryResponse  # noqa: Y015
+
+@_typing.final
+class Crowd(_message.Message):
+    """Crowd is sellers/{seller_id}/crowds/{crowd_id}: who a seller's discount is for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    PREDICATE_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    crowd_id: _builtins.str
+    """1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit; not the
+    name of a built-in crowd.
+    """
+    display_name: _builtins.str
+    """Free text for people (at most 200 characters)."""
+    revision: _builtins.int
+    """Output only: store revision of the crowd's creation."""
+    name: _builtins.str
+    """Output only: "sellers/{seller_id}/crowds/{crowd_id}"."""
+    @_builtins.property
+    def predicate(self) -> Global___CrowdPredicate:
+        """Buyers whose relation with the seller meets the predicate, decided at the time of
+        each read.
+        """
+
+    @_builtins.property
+    def list(self) -> Global___CrowdList:
+        """An explicit list of buyers (BatchUpdateCrowdMembers, list files)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        crowd_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        predicate: Global___CrowdPredicate | None = ...,
+        list: Global___CrowdList | None = ...,
+        revision: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "definition", b"definition", "list", b"list", "predicate", b"predicate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "crowd_id", b"crowd_id", "definition", b"definition", "display_name", b"display_name", "list", b"list", "name", b"name", "predicate", b"predicate", "revision", b"revision", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_definition: _TypeAlias = _typing.Literal["predicate", "list"]  # noqa: Y015
+    _WhichOneofArgType_definition: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_definition) -> _WhichOneofReturnType_definition | None: ...
+
+Global___Crowd: _TypeAlias = Crowd  # noqa: Y015
+
+@_typing.final
+class CrowdPredicate(_message.Message):
+    """CrowdPredicate: the buyer follows the seller, and meets every condition set here."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_FOLLOW_DAYS_FIELD_NUMBER: _builtins.int
+    MAX_FOLLOW_DAYS_FIELD_NUMBER: _builtins.int
+    MIN_PURCHASES_FIELD_NUMBER: _builtins.int
+    PURCHASED_WITHIN_DAYS_FIELD_NUMBER: _builtins.int
+    min_follow_days: _builtins.int
+    """Has followed the seller for at least this many days (0..10000)."""
+    max_follow_days: _builtins.int
+    """Has followed the seller for at most this many days (1..10000)."""
+    min_purchases: _builtins.int
+    """Has bought from the seller at least this many times (0..10000). Counts above one are
+    known as of the last snapshot; "at least once" in real time.
+    """
+    purchased_within_days: _builtins.int
+    """Bought from the seller within the last this many days (1..10000)."""
+    def __init__(
+        self,
+        *,
+        min_follow_days: _builtins.int | None = ...,
+        max_follow_days: _builtins.int | None = ...,
+        min_purchases: _builtins.int | None = ...,
+        purchased_within_days: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_follow_days", b"_max_follow_days", "_min_follow_days", b"_min_follow_days", "_min_purchases", b"_min_purchases", "_purchased_within_days", b"_purchased_within_days", "max_follow_days", b"max_follow_days", "min_follow_days", b"min_follow_days", "min_purchases", b"min_purchases", "purchased_within_days", b"purchased_within_days"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_follow_days", b"_max_follow_days", "_min_follow_days", b"_min_follow_days", "_min_purchases", b"_min_purchases", "_purchased_within_days", b"_purchased_within_days", "max_follow_days", b"max_follow_days", "min_follow_days", b"min_follow_days", "min_purchases", b"min_purchases", "purchased_within_days", b"purchased_within_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_follow_days: _TypeAlias = _typing.Literal["max_follow_days"]  # noqa: Y015
+    _WhichOneofArgType__max_follow_days: _TypeAlias = _typing.Literal["_max_follow_days", b"_max_follow_days"]  # noqa: Y015
+    _WhichOneofReturnType__min_follow_days: _TypeAlias = _typing.Literal["min_follow_days"]  # noqa: Y015
+    _WhichOneofArgType__min_follow_days: _TypeAlias = _typing.Literal["_min_follow_days", b"_min_follow_days"]  # noqa: Y015
+    _WhichOneofReturnType__min_purchases: _TypeAlias = _typing.Literal["min_purchases"]  # noqa: Y015
+    _WhichOneofArgType__min_purchases: _TypeAlias = _typing.Literal["_min_purchases", b"_min_purchases"]  # noqa: Y015
+    _WhichOneofReturnType__purchased_within_days: _TypeAlias = _typing.Literal["purchased_within_days"]  # noqa: Y015
+    _WhichOneofArgType__purchased_within_days: _TypeAlias = _typing.Literal["_purchased_within_days", b"_purchased_within_days"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_follow_days) -> _WhichOneofReturnType__max_follow_days | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_follow_days) -> _WhichOneofReturnType__min_follow_days | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_purchases) -> _WhichOneofReturnType__min_purchases | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__purchased_within_days) -> _WhichOneofReturnType__purchased_within_days | None: ...
+
+Global___CrowdPredicate: _TypeAlias = CrowdPredicate  # noqa: Y015
+
+@_typing.final
+class CrowdList(_message.Message):
+    """CrowdList marks a list crowd; its members are managed separately."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrowdList: _TypeAlias = CrowdList  # noqa: Y015
+
+@_typing.final
+class CreateCrowdRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CROWD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crowd(self) -> Global___Crowd: ...
+    def __init__(
+        self,
+        *,
+        crowd: Global___Crowd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCrowdRequest: _TypeAlias = CreateCrowdRequest  # noqa: Y015
+
+@_typing.final
+class CreateCrowdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CROWD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crowd(self) -> Global___Crowd: ...
+    def __init__(
+        self,
+        *,
+        crowd: Global___Crowd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCrowdResponse: _TypeAlias = CreateCrowdResponse  # noqa: Y015
+
+@_typing.final
+class GetCrowdRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    crowd_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        crowd_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd_id", b"crowd_id", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCrowdRequest: _TypeAlias = GetCrowdRequest  # noqa: Y015
+
+@_typing.final
+class GetCrowdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CROWD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def crowd(self) -> Global___Crowd: ...
+    def __init__(
+        self,
+        *,
+        crowd: Global___Crowd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCrowdResponse: _TypeAlias = GetCrowdResponse  # noqa: Y015
+
+@_typing.final
+class ListCrowdsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    page_size: _builtins.int
+    """At most 1000; 0 means the default (100)."""
+    page_token: _builtins.str
+    """Opaque token from a previous response."""
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCrowdsRequest: _TypeAlias = ListCrowdsRequest  # noqa: Y015
+
+@_typing.final
+class ListCrowdsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CROWDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def crowds(self) -> _containers.RepeatedCompositeFieldContainer[Global___Crowd]: ...
+    def __init__(
+        self,
+        *,
+        crowds: _abc.Iterable[Global___Crowd] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowds", b"crowds", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCrowdsResponse: _TypeAlias = ListCrowdsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCrowdRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    crowd_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        crowd_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd_id", b"crowd_id", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCrowdRequest: _TypeAlias = DeleteCrowdRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCrowdResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Crowd revision of the deletion."""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCrowdResponse: _TypeAlias = DeleteCrowdResponse  # noqa: Y015
+
+@_typing.final
+class BatchUpdateCrowdMembersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
+    ADD_USER_IDS_FIELD_NUMBER: _builtins.int
+    REMOVE_USER_IDS_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    crowd_id: _builtins.str
+    """A list crowd of the seller."""
+    @_builtins.property
+    def add_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Buyers to add; no buyer twice in one call."""
+
+    @_builtins.property
+    def remove_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Buyers to remove."""
+
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        crowd_id: _builtins.str = ...,
+        add_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        remove_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_user_ids", b"add_user_ids", "crowd_id", b"crowd_id", "remove_user_ids", b"remove_user_ids", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateCrowdMembersRequest: _TypeAlias = BatchUpdateCrowdMembersRequest  # noqa: Y015
+
+@_typing.final
+class BatchUpdateCrowdMembersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    removed: _builtins.int
+    revision: _builtins.int
+    """Crowd revision of the audit entry."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """The version of every change of this call."""
+
+    def __init__(
+        self,
+        *,
+        added: _builtins.int = ...,
+        removed: _builtins.int = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "change_time", b"change_time", "removed", b"removed", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchUpdateCrowdMembersResponse: _TypeAlias = BatchUpdateCrowdMembersResponse  # noqa: Y015
+
+@_typing.final
+class CrowdChange(_message.Message):
+    """CrowdChange is one entry of the crowds' audit trail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    CROWD_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    action: _builtins.str
+    """"CREATE", "DELETE" or "MEMBERS"."""
+    actor: _builtins.str
+    """Caller identity from request metadata."""
+    added: _builtins.int
+    """MEMBERS: buyers added and removed by the call."""
+    removed: _builtins.int
+    @_builtins.property
+    def crowd(self) -> Global___Crowd: ...
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        action: _builtins.str = ...,
+        crowd: Global___Crowd | None = ...,
+        actor: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        added: _builtins.int = ...,
+        removed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "crowd", b"crowd"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "added", b"added", "change_time", b"change_time", "crowd", b"crowd", "removed", b"removed", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrowdChange: _TypeAlias = CrowdChange  # noqa: Y015
+
+@_typing.final
+class ListCrowdHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELLER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    seller_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        seller_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "seller_id", b"seller_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCrowdHistoryRequest: _TypeAlias = ListCrowdHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListCrowdHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CrowdChange]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___CrowdChange] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCrowdHistoryResponse: _TypeAlias = ListCrowdHistoryResponse  # noqa: Y015

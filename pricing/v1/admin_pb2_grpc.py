@@ -66,6 +66,36 @@ class DiscountAdminServiceStub:
                 request_serializer=pricing_dot_v1_dot_admin__pb2.ListRuleHistoryRequest.SerializeToString,
                 response_deserializer=pricing_dot_v1_dot_admin__pb2.ListRuleHistoryResponse.FromString,
                 _registered_method=True)
+        self.CreateCrowd = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/CreateCrowd',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.CreateCrowdRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.CreateCrowdResponse.FromString,
+                _registered_method=True)
+        self.GetCrowd = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/GetCrowd',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.GetCrowdRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.GetCrowdResponse.FromString,
+                _registered_method=True)
+        self.ListCrowds = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/ListCrowds',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.ListCrowdsRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.ListCrowdsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCrowd = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/DeleteCrowd',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.DeleteCrowdRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.DeleteCrowdResponse.FromString,
+                _registered_method=True)
+        self.BatchUpdateCrowdMembers = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/BatchUpdateCrowdMembers',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersResponse.FromString,
+                _registered_method=True)
+        self.ListCrowdHistory = channel.unary_unary(
+                '/pricing.v1.DiscountAdminService/ListCrowdHistory',
+                request_serializer=pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryRequest.SerializeToString,
+                response_deserializer=pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class DiscountAdminServiceServicer:
@@ -115,6 +145,51 @@ class DiscountAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCrowd(self, request, context):
+        """CreateCrowd defines a crowd of a seller, sellers/{seller_id}/crowds/{crowd_id}: a
+        predicate over the buyer's relation with the seller, or an explicit list of buyers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCrowd(self, request, context):
+        """GetCrowd reads one crowd.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCrowds(self, request, context):
+        """ListCrowds pages through a seller's crowds by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCrowd(self, request, context):
+        """DeleteCrowd removes a crowd that no rule targets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchUpdateCrowdMembers(self, request, context):
+        """BatchUpdateCrowdMembers adds buyers to and removes buyers from a list crowd, at most
+        max_crowd_batch per call (bigger lists: a list file loaded by the sync worker). Every
+        change is versioned by the time of the call: the newest add or remove of a buyer wins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCrowdHistory(self, request, context):
+        """ListCrowdHistory lists the audit trail of a seller's crowds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscountAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +222,36 @@ def add_DiscountAdminServiceServicer_to_server(servicer, server):
                     servicer.ListRuleHistory,
                     request_deserializer=pricing_dot_v1_dot_admin__pb2.ListRuleHistoryRequest.FromString,
                     response_serializer=pricing_dot_v1_dot_admin__pb2.ListRuleHistoryResponse.SerializeToString,
+            ),
+            'CreateCrowd': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCrowd,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.CreateCrowdRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.CreateCrowdResponse.SerializeToString,
+            ),
+            'GetCrowd': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrowd,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.GetCrowdRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.GetCrowdResponse.SerializeToString,
+            ),
+            'ListCrowds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCrowds,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.ListCrowdsRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.ListCrowdsResponse.SerializeToString,
+            ),
+            'DeleteCrowd': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCrowd,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.DeleteCrowdRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.DeleteCrowdResponse.SerializeToString,
+            ),
+            'BatchUpdateCrowdMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchUpdateCrowdMembers,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersResponse.SerializeToString,
+            ),
+            'ListCrowdHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCrowdHistory,
+                    request_deserializer=pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryRequest.FromString,
+                    response_serializer=pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +418,168 @@ class DiscountAdminService:
             '/pricing.v1.DiscountAdminService/ListRuleHistory',
             pricing_dot_v1_dot_admin__pb2.ListRuleHistoryRequest.SerializeToString,
             pricing_dot_v1_dot_admin__pb2.ListRuleHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCrowd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/CreateCrowd',
+            pricing_dot_v1_dot_admin__pb2.CreateCrowdRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.CreateCrowdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrowd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/GetCrowd',
+            pricing_dot_v1_dot_admin__pb2.GetCrowdRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.GetCrowdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCrowds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/ListCrowds',
+            pricing_dot_v1_dot_admin__pb2.ListCrowdsRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.ListCrowdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCrowd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/DeleteCrowd',
+            pricing_dot_v1_dot_admin__pb2.DeleteCrowdRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.DeleteCrowdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchUpdateCrowdMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/BatchUpdateCrowdMembers',
+            pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.BatchUpdateCrowdMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCrowdHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pricing.v1.DiscountAdminService/ListCrowdHistory',
+            pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryRequest.SerializeToString,
+            pricing_dot_v1_dot_admin__pb2.ListCrowdHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

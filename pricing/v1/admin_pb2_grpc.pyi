@@ -47,6 +47,23 @@ class DiscountAdminServiceStub:
     """BatchUpsertDiscountRules writes many rules atomically: all or none."""
     ListRuleHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListRuleHistoryRequest, _admin_pb2.ListRuleHistoryResponse]
     """ListRuleHistory lists the audit trail of a seller's rules."""
+    CreateCrowd: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateCrowdRequest, _admin_pb2.CreateCrowdResponse]
+    """CreateCrowd defines a crowd of a seller, sellers/{seller_id}/crowds/{crowd_id}: a
+    predicate over the buyer's relation with the seller, or an explicit list of buyers.
+    """
+    GetCrowd: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCrowdRequest, _admin_pb2.GetCrowdResponse]
+    """GetCrowd reads one crowd."""
+    ListCrowds: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCrowdsRequest, _admin_pb2.ListCrowdsResponse]
+    """ListCrowds pages through a seller's crowds by id."""
+    DeleteCrowd: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteCrowdRequest, _admin_pb2.DeleteCrowdResponse]
+    """DeleteCrowd removes a crowd that no rule targets."""
+    BatchUpdateCrowdMembers: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BatchUpdateCrowdMembersRequest, _admin_pb2.BatchUpdateCrowdMembersResponse]
+    """BatchUpdateCrowdMembers adds buyers to and removes buyers from a list crowd, at most
+    max_crowd_batch per call (bigger lists: a list file loaded by the sync worker). Every
+    change is versioned by the time of the call: the newest add or remove of a buyer wins.
+    """
+    ListCrowdHistory: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCrowdHistoryRequest, _admin_pb2.ListCrowdHistoryResponse]
+    """ListCrowdHistory lists the audit trail of a seller's crowds."""
 
 @_typing.type_check_only
 class DiscountAdminServiceAsyncStub(DiscountAdminServiceStub):
@@ -67,6 +84,23 @@ class DiscountAdminServiceAsyncStub(DiscountAdminServiceStub):
     """BatchUpsertDiscountRules writes many rules atomically: all or none."""
     ListRuleHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListRuleHistoryRequest, _admin_pb2.ListRuleHistoryResponse]  # type: ignore[assignment]
     """ListRuleHistory lists the audit trail of a seller's rules."""
+    CreateCrowd: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateCrowdRequest, _admin_pb2.CreateCrowdResponse]  # type: ignore[assignment]
+    """CreateCrowd defines a crowd of a seller, sellers/{seller_id}/crowds/{crowd_id}: a
+    predicate over the buyer's relation with the seller, or an explicit list of buyers.
+    """
+    GetCrowd: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCrowdRequest, _admin_pb2.GetCrowdResponse]  # type: ignore[assignment]
+    """GetCrowd reads one crowd."""
+    ListCrowds: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCrowdsRequest, _admin_pb2.ListCrowdsResponse]  # type: ignore[assignment]
+    """ListCrowds pages through a seller's crowds by id."""
+    DeleteCrowd: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteCrowdRequest, _admin_pb2.DeleteCrowdResponse]  # type: ignore[assignment]
+    """DeleteCrowd removes a crowd that no rule targets."""
+    BatchUpdateCrowdMembers: _aio.UnaryUnaryMultiCallable[_admin_pb2.BatchUpdateCrowdMembersRequest, _admin_pb2.BatchUpdateCrowdMembersResponse]  # type: ignore[assignment]
+    """BatchUpdateCrowdMembers adds buyers to and removes buyers from a list crowd, at most
+    max_crowd_batch per call (bigger lists: a list file loaded by the sync worker). Every
+    change is versioned by the time of the call: the newest add or remove of a buyer wins.
+    """
+    ListCrowdHistory: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCrowdHistoryRequest, _admin_pb2.ListCrowdHistoryResponse]  # type: ignore[assignment]
+    """ListCrowdHistory lists the audit trail of a seller's crowds."""
 
 class DiscountAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiscountAdminService manages sellers' discount rules. Every call carries
@@ -120,5 +154,58 @@ class DiscountAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListRuleHistoryResponse, _abc.Awaitable[_admin_pb2.ListRuleHistoryResponse]]:
         """ListRuleHistory lists the audit trail of a seller's rules."""
+
+    @_abc_1.abstractmethod
+    def CreateCrowd(
+        self,
+        request: _admin_pb2.CreateCrowdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateCrowdResponse, _abc.Awaitable[_admin_pb2.CreateCrowdResponse]]:
+        """CreateCrowd defines a crowd of a seller, sellers/{seller_id}/crowds/{crowd_id}: a
+        predicate over the buyer's relation with the seller, or an explicit list of buyers.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCrowd(
+        self,
+        request: _admin_pb2.GetCrowdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetCrowdResponse, _abc.Awaitable[_admin_pb2.GetCrowdResponse]]:
+        """GetCrowd reads one crowd."""
+
+    @_abc_1.abstractmethod
+    def ListCrowds(
+        self,
+        request: _admin_pb2.ListCrowdsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCrowdsResponse, _abc.Awaitable[_admin_pb2.ListCrowdsResponse]]:
+        """ListCrowds pages through a seller's crowds by id."""
+
+    @_abc_1.abstractmethod
+    def DeleteCrowd(
+        self,
+        request: _admin_pb2.DeleteCrowdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteCrowdResponse, _abc.Awaitable[_admin_pb2.DeleteCrowdResponse]]:
+        """DeleteCrowd removes a crowd that no rule targets."""
+
+    @_abc_1.abstractmethod
+    def BatchUpdateCrowdMembers(
+        self,
+        request: _admin_pb2.BatchUpdateCrowdMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.BatchUpdateCrowdMembersResponse, _abc.Awaitable[_admin_pb2.BatchUpdateCrowdMembersResponse]]:
+        """BatchUpdateCrowdMembers adds buyers to and removes buyers from a list crowd, at most
+        max_crowd_batch per call (bigger lists: a list file loaded by the sync worker). Every
+        change is versioned by the time of the call: the newest add or remove of a buyer wins.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCrowdHistory(
+        self,
+        request: _admin_pb2.ListCrowdHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCrowdHistoryResponse, _abc.Awaitable[_admin_pb2.ListCrowdHistoryResponse]]:
+        """ListCrowdHistory lists the audit trail of a seller's crowds."""
 
 def add_DiscountAdminServiceServicer_to_server(servicer: DiscountAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

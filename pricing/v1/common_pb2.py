@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pricing/v1/common.proto\x12\npricing.v1\"4\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03*x\n\tCrowdKind\x12\x1a\n\x16\x43ROWD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ROWD_KIND_ALL_FANS\x10\x01\x12\x17\n\x13\x43ROWD_KIND_OLD_FANS\x10\x02\x12\x1d\n\x19\x43ROWD_KIND_PURCHASED_FANS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pricing/v1/common.proto\x12\npricing.v1\"4\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03*\x97\x01\n\tCrowdKind\x12\x1a\n\x16\x43ROWD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ROWD_KIND_ALL_FANS\x10\x01\x12\x17\n\x13\x43ROWD_KIND_OLD_FANS\x10\x02\x12\x1d\n\x19\x43ROWD_KIND_PURCHASED_FANS\x10\x03\x12\x1d\n\x19\x43ROWD_KIND_SELLER_DEFINED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pricing.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CROWDKIND']._serialized_start=93
-  _globals['_CROWDKIND']._serialized_end=213
+  _globals['_CROWDKIND']._serialized_start=94
+  _globals['_CROWDKIND']._serialized_end=245
   _globals['_MONEY']._serialized_start=39
   _globals['_MONEY']._serialized_end=91
 # @@protoc_insertion_point(module_scope)

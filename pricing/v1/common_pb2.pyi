@@ -30,6 +30,10 @@ class _CrowdKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CrowdKind.V
     """Has followed the seller for at least OLD_FAN_MIN_DAYS."""
     CROWD_KIND_PURCHASED_FANS: _CrowdKind.ValueType  # 3
     """Follows the seller and has bought from them at least once."""
+    CROWD_KIND_SELLER_DEFINED: _CrowdKind.ValueType  # 4
+    """A crowd the seller defined (DiscountAdminService.CreateCrowd), named by the
+    crowd_id beside this field.
+    """
 
 class CrowdKind(_CrowdKind, metaclass=_CrowdKindEnumTypeWrapper):
     """CrowdKind is the audience of a seller that a discount targets."""
@@ -41,6 +45,10 @@ CROWD_KIND_OLD_FANS: CrowdKind.ValueType  # 2
 """Has followed the seller for at least OLD_FAN_MIN_DAYS."""
 CROWD_KIND_PURCHASED_FANS: CrowdKind.ValueType  # 3
 """Follows the seller and has bought from them at least once."""
+CROWD_KIND_SELLER_DEFINED: CrowdKind.ValueType  # 4
+"""A crowd the seller defined (DiscountAdminService.CreateCrowd), named by the
+crowd_id beside this field.
+"""
 Global___CrowdKind: _TypeAlias = CrowdKind  # noqa: Y015
 
 @_typing.final

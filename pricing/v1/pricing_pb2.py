@@ -26,31 +26,31 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pricing.v1 import common_pb2 as pricing_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pricing/v1/pricing.proto\x12\npricing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17pricing/v1/common.proto\"X\n\nPriceQuery\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12*\n\nlist_price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.MoneyH\x00\x88\x01\x01\x42\r\n\x0b_list_price\"e\n\x1a\x42\x61tchGetLowestPriceRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pricing.v1.PriceQuery\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"\xa6\x01\n\x0eRuleEvaluation\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x11\n\tseller_id\x18\x02 \x01(\t\x12$\n\x05\x63rowd\x18\x03 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12 \n\x05price\x18\x04 \x01(\x0b\x32\x11.pricing.v1.Money\x12(\n\x07outcome\x18\x05 \x01(\x0e\x32\x17.pricing.v1.RuleOutcome\"\xcd\x01\n\tItemPrice\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12 \n\x05price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.Money\x12\x12\n\ndiscounted\x18\x03 \x01(\x08\x12\x0f\n\x07rule_id\x18\x04 \x01(\t\x12$\n\x05\x63rowd\x18\x05 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12/\n\x0b\x65valuations\x18\x06 \x03(\x0b\x32\x1a.pricing.v1.RuleEvaluation\x12\x11\n\tseller_id\x18\x07 \x01(\t\"m\n\x1b\x42\x61tchGetLowestPriceResponse\x12%\n\x06prices\x18\x01 \x03(\x0b\x32\x15.pricing.v1.ItemPrice\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x15\n\rrule_revision\x18\x03 \x01(\x03\"\x92\x01\n\x1a\x43heckDiscountStrictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12.\n\x0e\x65xpected_price\x18\x03 \x01(\x0b\x32\x11.pricing.v1.MoneyH\x00\x88\x01\x01\x12\x0f\n\x07rule_id\x18\x04 \x01(\tB\x11\n\x0f_expected_price\"\xfb\x01\n\x1b\x43heckDiscountStrictResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12 \n\x05price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.Money\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12$\n\x05\x63rowd\x18\x04 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12$\n\x07verdict\x18\x05 \x01(\x0e\x32\x13.pricing.v1.Verdict\x12\x34\n\x10membership_as_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrule_revision\x18\x07 \x01(\x03*\xfb\x01\n\x0bRuleOutcome\x12\x1c\n\x18RULE_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14RULE_OUTCOME_APPLIED\x10\x01\x12\x1d\n\x19RULE_OUTCOME_NOT_A_MEMBER\x10\x02\x12\x1c\n\x18RULE_OUTCOME_NOT_STARTED\x10\x03\x12\x16\n\x12RULE_OUTCOME_ENDED\x10\x04\x12!\n\x1dRULE_OUTCOME_ABOVE_LIST_PRICE\x10\x05\x12\x17\n\x13RULE_OUTCOME_OUTBID\x10\x06\x12#\n\x1fRULE_OUTCOME_MEMBERSHIP_UNKNOWN\x10\x07*\xa0\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ELIGIBLE\x10\x01\x12\x18\n\x14VERDICT_NOT_IN_CROWD\x10\x02\x12\x13\n\x0fVERDICT_NO_RULE\x10\x03\x12\x1b\n\x17VERDICT_RULE_NOT_ACTIVE\x10\x04\x12\x1a\n\x16VERDICT_PRICE_MISMATCH\x10\x05\x32\xe0\x01\n\x0ePricingService\x12\x66\n\x13\x42\x61tchGetLowestPrice\x12&.pricing.v1.BatchGetLowestPriceRequest\x1a\'.pricing.v1.BatchGetLowestPriceResponse\x12\x66\n\x13\x43heckDiscountStrict\x12&.pricing.v1.CheckDiscountStrictRequest\x1a\'.pricing.v1.CheckDiscountStrictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pricing/v1/pricing.proto\x12\npricing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17pricing/v1/common.proto\"X\n\nPriceQuery\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12*\n\nlist_price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.MoneyH\x00\x88\x01\x01\x42\r\n\x0b_list_price\"e\n\x1a\x42\x61tchGetLowestPriceRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.pricing.v1.PriceQuery\x12\x0f\n\x07\x65xplain\x18\x03 \x01(\x08\"\xc8\x01\n\x0eRuleEvaluation\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x11\n\tseller_id\x18\x02 \x01(\t\x12$\n\x05\x63rowd\x18\x03 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12 \n\x05price\x18\x04 \x01(\x0b\x32\x11.pricing.v1.Money\x12(\n\x07outcome\x18\x05 \x01(\x0e\x32\x17.pricing.v1.RuleOutcome\x12\x10\n\x08\x63rowd_id\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xdf\x01\n\tItemPrice\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12 \n\x05price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.Money\x12\x12\n\ndiscounted\x18\x03 \x01(\x08\x12\x0f\n\x07rule_id\x18\x04 \x01(\t\x12$\n\x05\x63rowd\x18\x05 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12/\n\x0b\x65valuations\x18\x06 \x03(\x0b\x32\x1a.pricing.v1.RuleEvaluation\x12\x11\n\tseller_id\x18\x07 \x01(\t\x12\x10\n\x08\x63rowd_id\x18\x08 \x01(\t\"m\n\x1b\x42\x61tchGetLowestPriceResponse\x12%\n\x06prices\x18\x01 \x03(\x0b\x32\x15.pricing.v1.ItemPrice\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x15\n\rrule_revision\x18\x03 \x01(\x03\"\x92\x01\n\x1a\x43heckDiscountStrictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12.\n\x0e\x65xpected_price\x18\x03 \x01(\x0b\x32\x11.pricing.v1.MoneyH\x00\x88\x01\x01\x12\x0f\n\x07rule_id\x18\x04 \x01(\tB\x11\n\x0f_expected_price\"\x8d\x02\n\x1b\x43heckDiscountStrictResponse\x12\x10\n\x08\x65ligible\x18\x01 \x01(\x08\x12 \n\x05price\x18\x02 \x01(\x0b\x32\x11.pricing.v1.Money\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12$\n\x05\x63rowd\x18\x04 \x01(\x0e\x32\x15.pricing.v1.CrowdKind\x12$\n\x07verdict\x18\x05 \x01(\x0e\x32\x13.pricing.v1.Verdict\x12\x34\n\x10membership_as_of\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrule_revision\x18\x07 \x01(\x03\x12\x10\n\x08\x63rowd_id\x18\x08 \x01(\t*\xfb\x01\n\x0bRuleOutcome\x12\x1c\n\x18RULE_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14RULE_OUTCOME_APPLIED\x10\x01\x12\x1d\n\x19RULE_OUTCOME_NOT_A_MEMBER\x10\x02\x12\x1c\n\x18RULE_OUTCOME_NOT_STARTED\x10\x03\x12\x16\n\x12RULE_OUTCOME_ENDED\x10\x04\x12!\n\x1dRULE_OUTCOME_ABOVE_LIST_PRICE\x10\x05\x12\x17\n\x13RULE_OUTCOME_OUTBID\x10\x06\x12#\n\x1fRULE_OUTCOME_MEMBERSHIP_UNKNOWN\x10\x07*\xa0\x01\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x14\n\x10VERDICT_ELIGIBLE\x10\x01\x12\x18\n\x14VERDICT_NOT_IN_CROWD\x10\x02\x12\x13\n\x0fVERDICT_NO_RULE\x10\x03\x12\x1b\n\x17VERDICT_RULE_NOT_ACTIVE\x10\x04\x12\x1a\n\x16VERDICT_PRICE_MISMATCH\x10\x05\x32\xe0\x01\n\x0ePricingService\x12\x66\n\x13\x42\x61tchGetLowestPrice\x12&.pricing.v1.BatchGetLowestPriceRequest\x1a\'.pricing.v1.BatchGetLowestPriceResponse\x12\x66\n\x13\x43heckDiscountStrict\x12&.pricing.v1.CheckDiscountStrictRequest\x1a\'.pricing.v1.CheckDiscountStrictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pricing.v1.pricing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RULEOUTCOME']._serialized_start=1183
-  _globals['_RULEOUTCOME']._serialized_end=1434
-  _globals['_VERDICT']._serialized_start=1437
-  _globals['_VERDICT']._serialized_end=1597
+  _globals['_RULEOUTCOME']._serialized_start=1253
+  _globals['_RULEOUTCOME']._serialized_end=1504
+  _globals['_VERDICT']._serialized_start=1507
+  _globals['_VERDICT']._serialized_end=1667
   _globals['_PRICEQUERY']._serialized_start=98
   _globals['_PRICEQUERY']._serialized_end=186
   _globals['_BATCHGETLOWESTPRICEREQUEST']._serialized_start=188
   _globals['_BATCHGETLOWESTPRICEREQUEST']._serialized_end=289
   _globals['_RULEEVALUATION']._serialized_start=292
-  _globals['_RULEEVALUATION']._serialized_end=458
-  _globals['_ITEMPRICE']._serialized_start=461
-  _globals['_ITEMPRICE']._serialized_end=666
-  _globals['_BATCHGETLOWESTPRICERESPONSE']._serialized_start=668
-  _globals['_BATCHGETLOWESTPRICERESPONSE']._serialized_end=777
-  _globals['_CHECKDISCOUNTSTRICTREQUEST']._serialized_start=780
-  _globals['_CHECKDISCOUNTSTRICTREQUEST']._serialized_end=926
-  _globals['_CHECKDISCOUNTSTRICTRESPONSE']._serialized_start=929
-  _globals['_CHECKDISCOUNTSTRICTRESPONSE']._serialized_end=1180
-  _globals['_PRICINGSERVICE']._serialized_start=1600
-  _globals['_PRICINGSERVICE']._serialized_end=1824
+  _globals['_RULEEVALUATION']._serialized_end=492
+  _globals['_ITEMPRICE']._serialized_start=495
+  _globals['_ITEMPRICE']._serialized_end=718
+  _globals['_BATCHGETLOWESTPRICERESPONSE']._serialized_start=720
+  _globals['_BATCHGETLOWESTPRICERESPONSE']._serialized_end=829
+  _globals['_CHECKDISCOUNTSTRICTREQUEST']._serialized_start=832
+  _globals['_CHECKDISCOUNTSTRICTREQUEST']._serialized_end=978
+  _globals['_CHECKDISCOUNTSTRICTRESPONSE']._serialized_start=981
+  _globals['_CHECKDISCOUNTSTRICTRESPONSE']._serialized_end=1250
+  _globals['_PRICINGSERVICE']._serialized_start=1670
+  _globals['_PRICINGSERVICE']._serialized_end=1894
 # @@protoc_insertion_point(module_scope)

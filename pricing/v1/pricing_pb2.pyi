@@ -162,10 +162,18 @@ class RuleEvaluation(_message.Message):
     CROWD_FIELD_NUMBER: _builtins.int
     PRICE_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     seller_id: _builtins.str
     crowd: _common_pb2.CrowdKind.ValueType
     outcome: Global___RuleOutcome.ValueType
+    crowd_id: _builtins.str
+    """The seller's crowd id when crowd is CROWD_KIND_SELLER_DEFINED."""
+    reason: _builtins.str
+    """Why the buyer is in the rule's crowd or not, in words, e.g. "followed 12 days ago,
+    this crowd needs 30", "2 purchases, needs 3", "not on the list".
+    """
     @_builtins.property
     def price(self) -> _common_pb2.Money: ...
     def __init__(
@@ -176,10 +184,12 @@ class RuleEvaluation(_message.Message):
         crowd: _common_pb2.CrowdKind.ValueType = ...,
         price: _common_pb2.Money | None = ...,
         outcome: Global___RuleOutcome.ValueType = ...,
+        crowd_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "outcome", b"outcome", "price", b"price", "rule_id", b"rule_id", "seller_id", b"seller_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "crowd_id", b"crowd_id", "outcome", b"outcome", "price", b"price", "reason", b"reason", "rule_id", b"rule_id", "seller_id", b"seller_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,6 +208,7 @@ class ItemPrice(_message.Message):
     CROWD_FIELD_NUMBER: _builtins.int
     EVALUATIONS_FIELD_NUMBER: _builtins.int
     SELLER_ID_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     discounted: _builtins.bool
     """True when a crowd rule gave the price."""
@@ -207,6 +218,8 @@ class ItemPrice(_message.Message):
     """The applied rule's crowd."""
     seller_id: _builtins.str
     """The applied rule's seller."""
+    crowd_id: _builtins.str
+    """The applied rule's crowd id when crowd is CROWD_KIND_SELLER_DEFINED."""
     @_builtins.property
     def price(self) -> _common_pb2.Money:
         """Lowest applicable price; absent when no rule applies and no list price was given."""
@@ -225,10 +238,11 @@ class ItemPrice(_message.Message):
         crowd: _common_pb2.CrowdKind.ValueType = ...,
         evaluations: _abc.Iterable[Global___RuleEvaluation] | None = ...,
         seller_id: _builtins.str = ...,
+        crowd_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "discounted", b"discounted", "evaluations", b"evaluations", "item_id", b"item_id", "price", b"price", "rule_id", b"rule_id", "seller_id", b"seller_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "crowd_id", b"crowd_id", "discounted", b"discounted", "evaluations", b"evaluations", "item_id", b"item_id", "price", b"price", "rule_id", b"rule_id", "seller_id", b"seller_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,12 +329,15 @@ class CheckDiscountStrictResponse(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_AS_OF_FIELD_NUMBER: _builtins.int
     RULE_REVISION_FIELD_NUMBER: _builtins.int
+    CROWD_ID_FIELD_NUMBER: _builtins.int
     eligible: _builtins.bool
     rule_id: _builtins.str
     crowd: _common_pb2.CrowdKind.ValueType
     verdict: Global___Verdict.ValueType
     rule_revision: _builtins.int
     """Rule store revision read."""
+    crowd_id: _builtins.str
+    """The rule's crowd id when crowd is CROWD_KIND_SELLER_DEFINED."""
     @_builtins.property
     def price(self) -> _common_pb2.Money:
         """Authoritative lowest price for this buyer (set when a rule applies)."""
@@ -339,10 +356,11 @@ class CheckDiscountStrictResponse(_message.Message):
         verdict: Global___Verdict.ValueType = ...,
         membership_as_of: _timestamp_pb2.Timestamp | None = ...,
         rule_revision: _builtins.int = ...,
+        crowd_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["membership_as_of", b"membership_as_of", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "eligible", b"eligible", "membership_as_of", b"membership_as_of", "price", b"price", "rule_id", b"rule_id", "rule_revision", b"rule_revision", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crowd", b"crowd", "crowd_id", b"crowd_id", "eligible", b"eligible", "membership_as_of", b"membership_as_of", "price", b"price", "rule_id", b"rule_id", "rule_revision", b"rule_revision", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,37 +5,74 @@ Both ``pricing_service`` and ``sync_worker`` import this module; nothing else to
 Keys (``<ns>`` is ``PRICING_REDIS_NAMESPACE``, empty by default):
 
 * ``<ns>cm:{<user_id>}`` - one hash per buyer. The braces are a Redis Cluster hash tag, so every
-  record of a buyer lives in one slot: a page's lookup is one ``HMGET`` and every write is one
+  field of a buyer lives in one slot: a page's lookup is one ``HMGET`` and every write is one
   single-key Lua call, on standalone Redis and on Redis Cluster alike.
 * ``<ns>sync:watermark`` - the stream consumer's watermark (ms): every event published before it
   has been applied.
 * ``<ns>sync:snapshot:{<snapshot_id>}`` - snapshot loader checkpoints (hash: part -> rows done).
+* ``<ns>sync:list:{<load_id>}`` - list file loader checkpoints (same shape).
+* ``<ns>crowd-lists`` - the registry of list crowds (hash: ``sellers/<s>/crowds/<id>`` -> list
+  handle), written by the pricing service; the list file loader resolves crowds through it.
+* ``<ns>membership:layout`` - ``"2"`` once ``sync-worker migrate-membership`` converted every
+  buyer hash: from then on readers stop asking for the fields of the previous layout.
 
-Hash field = the crowd, compactly: for a canonical numeric seller id (``[1-9][0-9]{0,14}``) the
-decimal integer ``seller * 4 + kind`` (Redis stores it as an integer inside the listpack); any
-other seller id is ``<kind letter><seller_id>`` with letters ``a``/``o``/``p``. A field that starts
-with a digit is numeric, so the two forms never collide.
+Fields of a buyer hash - **facts**, not crowds (a crowd is decided from them at read time):
 
-Hash value = one decimal integer (stored as a 64-bit integer in the listpack, 10 bytes)::
+* the **fact field** of (buyer, seller): for a canonical numeric seller id
+  (``[1-9][0-9]{0,14}``) the decimal integer ``seller * 4`` (Redis stores it as an integer
+  inside the listpack), any other seller id ``f<seller_id>``;
+* the **list field** of (buyer, list crowd): ``-<handle>`` (a negative integer), the crowd's
+  list handle, assigned once by the rule store when the crowd is created and never reused;
+* **legacy fields** of the layout before issue 14 (one record per crowd): ``seller * 4 + kind``
+  (kind 1..3) or ``a|o|p<seller_id>``. Writers convert them (see below); readers accept them
+  until the migration marker is set.
 
-    value = (version_ms - EPOCH_MS) * 10**7 + ttl_s * 2 + tombstone
+Fact value (binary, big-endian; whole seconds since 1970 unless said otherwise)::
 
-``version_ms`` is the time of the fact (event ``occurred_at`` or snapshot cut), ``ttl_s`` the
-seconds from the fact to the record's expiry (``expires_ms = version_ms + ttl_s * 1000``, at most
-:data:`MAX_TTL_S`), ``tombstone`` 1 for an unfollow's tombstone. Versions must fall between
-:data:`EPOCH_MS` (2024-01-01) and about 2053; a fact older than the epoch is long expired anyway.
-The Lua script compares records with Lua doubles, which are exact below 2**53: it splits the
-decimal string instead of doing 64-bit arithmetic. Expiries are whole seconds after the version
-(a requested expiry is rounded *up* to the next second). A value that is not a canonical decimal
-of 8..19 digits fitting an int64 is corrupt: reads treat it as absent, the next write drops it.
+    flags:u8            bit 0 follow part present, bit 1 it is an unfollow (tombstone),
+                        bit 2 purchase part present (no other bit; at least one part)
+    follow part:        expires_s:u32, version:u40 (ms since EPOCH_MS), since_s:u32 (absent
+                        for a tombstone)
+    purchase part:      expires_s:u32, count:u16, last_s:u32 (0 = time unknown)
 
-Writes (:data:`APPLY_LUA`, or :data:`APPLY_SAME_VALUE_LUA` for a snapshot's writes that share one
-value; one call per buyer, all of a call's writes in order): first every
-expired (``expires <= now``) or corrupt field of the buyer is dropped; a conditional write
-(purchase) applies only while its condition crowd is a live member record; a write applies when
-there is no record or it is greater in the order ``(version, tombstone, expiry)``; an applied
-record that is already expired is removed; the key's PEXPIREAT is the latest live field expiry.
-The order is total, so replays and any arrival order of unconditional writes end in one state.
+14 bytes for a follow, 24 with purchases. Each part is merged on its own, order-independently:
+
+* **follow** - last writer wins by the time of the fact: the part greater in the order
+  ``(version, tombstone, expires, since)`` wins (a newer fact wins; on equal times the
+  unfollow wins; on equal state the later expiry, then the later - more cautious - since).
+  ``since`` is when the current follow began: a follow event's own time, or the snapshot's
+  ``followed_at``. **Exact in real time.**
+* **purchases** - a monotone merge: the maximum of the expiries, of the counts and of the last
+  purchase times. A purchase event says "count >= 1, last purchase at t", a snapshot row
+  "count = N as of the cut" (and ``last_purchase_at`` when the export has it). So *at least one
+  purchase* and *the last purchase time* are **exact in real time** (for the events of the
+  last membership TTL); *counts above one* are exact only **as of the last snapshot** (purchase
+  events can be redelivered, so they are never added up), and a count never goes down until
+  its part expires (a refund does not lower it).
+
+Times are kept to the second: ``since`` and expiries are rounded up, the last purchase time
+down, so a predicate's day boundaries move by at most a second: "followed >= 30 days" turns true
+up to a second late, "followed <= 7 days" false up to a second late, "bought within 7 days"
+false up to a second early.
+
+List value: one decimal integer (an int64 in the listpack, 10 bytes)::
+
+    value = (version_ms - EPOCH_MS) * 10**7 + ttl_s * 2 + removed
+
+Newest change wins (``(version, removed, expiry)``: on equal times the removal). An add has
+``ttl_s = 0``: it never expires; a removal is a tombstone that lives ``ttl_s`` (the unfollow
+tombstone TTL), so a list file older than it cannot bring the buyer back. Legacy records use
+the same integer with ``tombstone`` for ``removed`` and ``expires = version + ttl_s``.
+
+Writes (:data:`APPLY_LUA`: one call per buyer, the call's writes in order; ARGV = now, the
+old-fan threshold of the legacy layout, then (field, value) pairs): first every expired part and
+every expired or corrupt field of the buyer is dropped, and every legacy field converted into
+the fact field of its seller (all_fans -> the follow part; since = old_fans' version minus the
+old-fan threshold when old_fans was a live member, else all_fans' version; purchased_fans ->
+count 1, time unknown), then each write is merged into its field. The key's PEXPIREAT is the
+latest expiry of any live part, or none while the buyer is on a list (adds never expire).
+Every merge is commutative, associative and idempotent, so replays and any arrival order end in
+one state.
 """
 
 from __future__ import annotations
@@ -49,7 +86,18 @@ from pricing_service.domain import Crowd, CrowdKind
 EPOCH_MS: Final = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 LOW: Final = 10**7
 MAX_TTL_S: Final = (LOW - 1) // 2  # 4,999,999 s, about 57.8 days
-MAX_VERSION_MS: Final = EPOCH_MS + (2**63 - 1) // LOW - 1
+MAX_VERSION_MS: Final = EPOCH_MS + (2**63 - 1) // LOW - 1  # about 2053
+#: Expiry of what never expires (a list add).
+NEVER_MS: Final = 2**62
+#: The layout's largest purchase count (a bigger count is kept as this: "at least").
+MAX_COUNT: Final = 0xFFFF
+_U32: Final = 0xFFFF_FFFF
+#: The value of the migration marker.
+LAYOUT_VERSION: Final = "2"
+
+F_FOLLOW: Final = 1
+F_TOMBSTONE: Final = 2
+F_PURCHASES: Final = 4
 
 _KIND_LETTER: Final = {
     CrowdKind.ALL_FANS: "a",
@@ -59,7 +107,8 @@ _KIND_LETTER: Final = {
 _LETTER_KIND: Final = {v: k for k, v in _KIND_LETTER.items()}
 _NUMERIC_SELLER = re.compile(r"[1-9][0-9]{0,14}")
 _NUMERIC_FIELD = re.compile(r"[1-9][0-9]*")
-#: A well-formed value: a canonical positive decimal of 8 to 19 digits that fits an int64.
+_LIST_FIELD = re.compile(r"-[1-9][0-9]{0,14}")
+#: A well-formed decimal value: a canonical positive decimal of 8 to 19 digits fitting an int64.
 _VALUE = re.compile(rb"[1-9][0-9]{7,18}")
 _INT64_MAX: Final = 2**63 - 1
 
@@ -68,9 +117,81 @@ class LayoutError(ValueError):
     """A value cannot be represented in (or decoded from) the layout."""
 
 
+def _ceil_s(ms: int) -> int:
+    return -(-ms // 1000)
+
+
+# --- decoded values -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """The follow part of a fact field: the last follow or unfollow, by the time of the fact."""
+
+    version_ms: int
+    tombstone: bool
+    expires_ms: int
+    #: when the current follow began (0 for a tombstone)
+    since_ms: int = 0
+
+    def order(self) -> tuple[int, bool, int, int]:
+        return (self.version_ms, self.tombstone, self.expires_ms, self.since_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Purchases:
+    """The purchase part of a fact field (merged by maxima)."""
+
+    expires_ms: int
+    count: int
+    #: time of the last purchase known, 0 = unknown
+    last_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What Redis knows about one (buyer, seller) relation."""
+
+    follow: Follow | None = None
+    purchases: Purchases | None = None
+
+    def live(self, now_ms: int) -> Facts | None:
+        """The parts not expired at ``now_ms`` (``None`` when none is left)."""
+        f, p = self.follow, self.purchases
+        if f is not None and f.expires_ms <= now_ms:
+            f = None
+        if p is not None and p.expires_ms <= now_ms:
+            p = None
+        if f is None and p is None:
+            return None
+        if f is self.follow and p is self.purchases:
+            return self
+        return Facts(f, p)
+
+    def expires_ms(self) -> int:
+        return max(
+            self.follow.expires_ms if self.follow is not None else -1,
+            self.purchases.expires_ms if self.purchases is not None else -1,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """A buyer's latest change on one list crowd."""
+
+    version_ms: int
+    removed: bool
+    #: :data:`NEVER_MS` for an add
+    expires_ms: int
+
+    def is_member(self, now_ms: int) -> bool:
+        return not self.removed and self.expires_ms > now_ms
+
+    def order(self) -> tuple[int, bool, int]:
+        return (self.version_ms, self.removed, self.expires_ms)
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One (buyer, crowd) membership record as stored."""
+    """One (buyer, crowd) record of the legacy layout (one record per crowd kind)."""
 
     tombstone: bool
     version_ms: int
@@ -81,6 +202,65 @@ class Record:
 
     def is_live(self, now_ms: int) -> bool:
         return self.expires_ms > now_ms
+
+
+# --- merges (the Lua script below does exactly the same) ------------------------------------------
+def merge_facts(a: Facts | None, b: Facts | None, now_ms: int) -> Facts | None:
+    """The merge of two fact records, after dropping their parts expired at ``now_ms``."""
+    a = a.live(now_ms) if a is not None else None
+    b = b.live(now_ms) if b is not None else None
+    if a is None or b is None:
+        return a if b is None else b
+    fa, fb = a.follow, b.follow
+    if fa is None or fb is None:
+        follow = fa if fb is None else fb
+    else:
+        follow = fb if fb.order() > fa.order() else fa
+    pa, pb = a.purchases, b.purchases
+    if pa is None or pb is None:
+        purchases = pa if pb is None else pb
+    else:
+        purchases = Purchases(
+            max(pa.expires_ms, pb.expires_ms), max(pa.count, pb.count), max(pa.last_ms, pb.last_ms)
+        )
+    return Facts(follow, purchases)
+
+
+def legacy_facts(
+    all_fans: Record | None,
+    old_fans: Record | None,
+    purchased: Record | None,
+    old_fan_min_ms: int,
+    now_ms: int,
+) -> Facts | None:
+    """The facts the three legacy records of one (buyer, seller) certify, at stored precision.
+
+    all_fans gives the follow part; a live old_fans member certifies that the buyer followed at
+    or before ``old_fans.version - old_fan_min_ms`` (otherwise the follow is taken to have begun
+    at all_fans' own version, the latest it can have); a live purchased_fans member gives one
+    purchase of unknown time. Expired records and old_fans/purchased_fans tombstones say
+    nothing. The built-in crowds read from the result answer as the legacy records did.
+    """
+
+    def live(r: Record | None) -> Record | None:
+        return r if r is not None and r.expires_ms > now_ms else None
+
+    a, o, p = live(all_fans), live(old_fans), live(purchased)
+    follow = None
+    if a is not None:
+        since = 0
+        if not a.tombstone:
+            since = a.version_ms
+            if o is not None and not o.tombstone:
+                since = min(o.version_ms - old_fan_min_ms, a.version_ms)
+            since = min(max(_ceil_s(since), 0), _U32) * 1000
+        follow = Follow(a.version_ms, a.tombstone, _ceil_s(a.expires_ms) * 1000, since)
+    purchases = None
+    if p is not None and not p.tombstone:
+        purchases = Purchases(_ceil_s(p.expires_ms) * 1000, 1, 0)
+    if follow is None and purchases is None:
+        return None
+    return Facts(follow, purchases)
 
 
 class MembershipLayout:
@@ -112,37 +292,156 @@ class MembershipLayout:
     def snapshot_checkpoint_key(self, snapshot_id: str) -> str:
         return f"{self.namespace}sync:snapshot:{{{snapshot_id}}}"
 
+    def list_checkpoint_key(self, load_id: str) -> str:
+        return f"{self.namespace}sync:list:{{{load_id}}}"
+
+    @property
+    def crowd_lists_key(self) -> str:
+        return f"{self.namespace}crowd-lists"
+
+    @property
+    def layout_version_key(self) -> str:
+        return f"{self.namespace}membership:layout"
+
+    @staticmethod
+    def crowd_list_name(seller_id: str, crowd_id: str) -> str:
+        """The registry field of a list crowd."""
+        return f"sellers/{seller_id}/crowds/{crowd_id}"
+
     # --- fields -------------------------------------------------------------------------------
     @staticmethod
+    def fact_field(seller_id: str) -> str:
+        if _NUMERIC_SELLER.fullmatch(seller_id):
+            return str(int(seller_id) * 4)
+        return "f" + seller_id
+
+    @staticmethod
+    def list_field(handle: int) -> str:
+        if not 0 < handle < 10**15:
+            raise LayoutError(f"list handle {handle} out of range")
+        return f"-{handle}"
+
+    @staticmethod
     def crowd_field(crowd: Crowd) -> str:
+        """The legacy field of a built-in crowd (the layout before issue 14)."""
         s = crowd.seller_id
+        if crowd.kind not in _KIND_LETTER:
+            raise LayoutError(f"{crowd} has no legacy field")
         if _NUMERIC_SELLER.fullmatch(s):
             return str(int(s) * 4 + int(crowd.kind))
         return _KIND_LETTER[crowd.kind] + s
 
+    @classmethod
+    def legacy_fields(cls, seller_id: str) -> tuple[str, str, str]:
+        """The legacy all_fans, old_fans and purchased_fans fields of a seller."""
+        return (
+            cls.crowd_field(Crowd(seller_id, CrowdKind.ALL_FANS)),
+            cls.crowd_field(Crowd(seller_id, CrowdKind.OLD_FANS)),
+            cls.crowd_field(Crowd(seller_id, CrowdKind.PURCHASED_FANS)),
+        )
+
     @staticmethod
-    def field_crowd(field: str | bytes) -> Crowd:
+    def parse_field(field: str | bytes) -> tuple[str, str | int | Crowd]:
+        """``("facts", seller_id)``, ``("list", handle)`` or ``("legacy", Crowd)``."""
         try:
             f = field.decode() if isinstance(field, bytes) else field
         except UnicodeDecodeError:
-            raise LayoutError(f"bad crowd field {field!r}") from None
+            raise LayoutError(f"bad field {field!r}") from None
         if not f:
-            raise LayoutError("empty crowd field")
+            raise LayoutError("empty field")
+        if f[0] == "-":
+            if not _LIST_FIELD.fullmatch(f):
+                raise LayoutError(f"bad list field {f!r}")
+            return ("list", int(f[1:]))
         if "0" <= f[0] <= "9":
             if not _NUMERIC_FIELD.fullmatch(f):
-                raise LayoutError(f"bad crowd field {f!r}")
+                raise LayoutError(f"bad field {f!r}")
             seller, code = divmod(int(f), 4)
-            if code == 0 or seller == 0 or not _NUMERIC_SELLER.fullmatch(str(seller)):
-                raise LayoutError(f"bad crowd field {f!r}")
-            return Crowd(str(seller), CrowdKind(code))
+            if seller == 0 or not _NUMERIC_SELLER.fullmatch(str(seller)):
+                raise LayoutError(f"bad field {f!r}")
+            if code == 0:
+                return ("facts", str(seller))
+            return ("legacy", Crowd(str(seller), CrowdKind(code)))
+        if f[0] == "f":
+            return ("facts", f[1:])
         kind = _LETTER_KIND.get(f[0])
         if kind is None:
-            raise LayoutError(f"bad crowd field {f!r}")
-        return Crowd(f[1:], kind)
+            raise LayoutError(f"bad field {f!r}")
+        return ("legacy", Crowd(f[1:], kind))
 
-    # --- values -------------------------------------------------------------------------------
+    @classmethod
+    def field_crowd(cls, field: str | bytes) -> Crowd:
+        """The crowd of a legacy field."""
+        kind, what = cls.parse_field(field)
+        if kind != "legacy" or not isinstance(what, Crowd):
+            raise LayoutError(f"not a legacy crowd field: {field!r}")
+        return what
+
+    # --- fact values --------------------------------------------------------------------------
+    @staticmethod
+    def encode_facts(facts: Facts) -> bytes:
+        """The stored value: times rounded to whole seconds (see the module docstring)."""
+        f, p = facts.follow, facts.purchases
+        if f is None and p is None:
+            raise LayoutError("a fact value needs a follow or a purchase part")
+        flags = 0
+        out = b""
+        if f is not None:
+            if f.version_ms <= EPOCH_MS or f.version_ms > MAX_VERSION_MS:
+                raise LayoutError(f"version {f.version_ms} ms is outside the layout's time range")
+            flags |= F_FOLLOW
+            out += min(max(_ceil_s(f.expires_ms), 0), _U32).to_bytes(4, "big")
+            out += (f.version_ms - EPOCH_MS).to_bytes(5, "big")
+            if f.tombstone:
+                flags |= F_TOMBSTONE
+            else:
+                out += min(max(_ceil_s(f.since_ms), 0), _U32).to_bytes(4, "big")
+        if p is not None:
+            if p.count < 1:
+                raise LayoutError("a purchase part needs a count of at least 1")
+            flags |= F_PURCHASES
+            out += min(max(_ceil_s(p.expires_ms), 0), _U32).to_bytes(4, "big")
+            out += min(p.count, MAX_COUNT).to_bytes(2, "big")
+            out += min(max(p.last_ms // 1000, 0), _U32).to_bytes(4, "big")
+        return bytes((flags,)) + out
+
+    @staticmethod
+    def decode_facts(value: bytes) -> Facts:
+        """Parse a fact value; anything the Lua script's ``fparse`` refuses is a LayoutError."""
+        n = len(value)
+        if n < 10:
+            raise LayoutError(f"bad fact value {value!r}")
+        flags = value[0]
+        has_f, tomb, has_p = flags & F_FOLLOW, flags & F_TOMBSTONE, flags & F_PURCHASES
+        want = 1 + ((9 if tomb else 13) if has_f else 0) + (10 if has_p else 0)
+        if flags > 7 or (tomb and not has_f) or not (has_f or has_p) or n != want:
+            raise LayoutError(f"bad fact value {value!r}")
+        follow = purchases = None
+        pos = 1
+        if has_f:
+            version = int.from_bytes(value[5:10], "big")
+            if version == 0:
+                raise LayoutError(f"bad fact value {value!r}")
+            since = 0 if tomb else int.from_bytes(value[10:14], "big") * 1000
+            follow = Follow(
+                version + EPOCH_MS, bool(tomb), int.from_bytes(value[1:5], "big") * 1000, since
+            )
+            pos = 10 if tomb else 14
+        if has_p:
+            count = int.from_bytes(value[pos + 4 : pos + 6], "big")
+            if count == 0:
+                raise LayoutError(f"bad fact value {value!r}")
+            purchases = Purchases(
+                int.from_bytes(value[pos : pos + 4], "big") * 1000,
+                count,
+                int.from_bytes(value[pos + 6 : pos + 10], "big") * 1000,
+            )
+        return Facts(follow, purchases)
+
+    # --- decimal values (list entries, legacy records) ------------------------------------------
     @staticmethod
     def encode(version_ms: int, expires_ms: int, *, tombstone: bool) -> str:
+        """A legacy record's value (also a list removal's: ``tombstone`` = removed)."""
         if version_ms <= EPOCH_MS or version_ms > MAX_VERSION_MS:
             raise LayoutError(f"version {version_ms} ms is outside the layout's time range")
         ttl_s = max(-((version_ms - expires_ms) // 1000), 0)  # ceil, in integers
@@ -151,11 +450,7 @@ class MembershipLayout:
         return str((version_ms - EPOCH_MS) * LOW + ttl_s * 2 + (1 if tombstone else 0))
 
     @staticmethod
-    def decode(value: str | bytes | int) -> Record:
-        """Parse a stored value; anything but a canonical in-range decimal is a LayoutError.
-
-        Exactly the values the Lua script's ``parse`` accepts (the two must agree).
-        """
+    def _decimal(value: str | bytes | int) -> tuple[int, int, bool]:
         if isinstance(value, int):
             raw = str(value).encode()
         elif isinstance(value, str):
@@ -165,137 +460,298 @@ class MembershipLayout:
         if not _VALUE.fullmatch(raw) or (n := int(raw)) > _INT64_MAX:
             raise LayoutError(f"bad membership value {value!r}")
         off, low = divmod(n, LOW)
-        version = EPOCH_MS + off
-        return Record(
-            tombstone=bool(low & 1), version_ms=version, expires_ms=version + (low >> 1) * 1000
-        )
+        return EPOCH_MS + off, low >> 1, bool(low & 1)
+
+    @classmethod
+    def decode(cls, value: str | bytes | int) -> Record:
+        """A legacy record; anything but a canonical in-range decimal is a LayoutError."""
+        version, ttl_s, tomb = cls._decimal(value)
+        return Record(tombstone=tomb, version_ms=version, expires_ms=version + ttl_s * 1000)
+
+    @classmethod
+    def encode_list(cls, version_ms: int, *, removed: bool, ttl_s: int = 0) -> str:
+        """A list entry: an add (``ttl_s`` 0: never expires) or a removal living ``ttl_s``."""
+        if removed and ttl_s <= 0:
+            raise LayoutError("a removal needs a lifetime (the tombstone TTL)")
+        if not 0 <= ttl_s <= MAX_TTL_S:
+            raise LayoutError(f"ttl {ttl_s}s outside 0..{MAX_TTL_S}")
+        return cls.encode(version_ms, version_ms + ttl_s * 1000, tombstone=removed)
+
+    @classmethod
+    def decode_list(cls, value: str | bytes | int) -> ListEntry:
+        version, ttl_s, removed = cls._decimal(value)
+        return ListEntry(version, removed, version + ttl_s * 1000 if ttl_s else NEVER_MS)
 
 
-# The write script in three parts: the head reads the buyer's hash (dropping expired and
-# undecodable fields), a loop applies the call's writes, the tail writes the result back.
-# The two scripts below share head and tail and differ only in how ARGV carries the writes.
-_APPLY_HEAD: Final = """local EPOCH_MS = %EPOCH%
+# --- the write script -------------------------------------------------------------------------
+# Numbers in Lua are doubles (exact below 2**53): times are ms since 1970 (< 2**42) or seconds.
+# ``struct`` is the C library Redis embeds; Lua's string comparison is locale-dependent, so
+# binary values are never compared as strings, only their decoded numbers.
+_APPLY: Final = r"""
+local EPOCH = %EPOCH%
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
+local old_min = tonumber(ARGV[2])
+local NEVER = 2^62
 local raw = redis.call('HGETALL', key)
-local cur = {}
-local drop = {}
-local function parse(v)
+local facts, lists, legacy, drop, touched = {}, {}, {}, {}, {}
+local band = bit.band
+
+-- decimal values: version (ms), ttl (s), flag (removed / tombstone); nil when not canonical
+local function dec(v)
   local n = #v
   if n < 8 or n > 19 or string.find(v, '^[1-9]%d*$') == nil then return nil end
   if n == 19 and v > '9223372036854775807' then return nil end
-  local ver = tonumber(string.sub(v, 1, n - 7))
-  local low = tonumber(string.sub(v, n - 6))
-  if ver == nil or low == nil then return nil end
-  local tomb = low % 2
-  return ver, tomb, ver + (low - tomb) / 2 * 1000
+  local hi = tonumber(string.sub(v, 1, n - 7))
+  local lo = tonumber(string.sub(v, n - 6))
+  if hi == nil or lo == nil then return nil end
+  local flag = lo % 2
+  return hi + EPOCH, (lo - flag) / 2, flag
 end
--- value -> {ver, tomb, exp, value}, parsed once per distinct value and shared by every field
--- holding it (records are immutable): the fields a snapshot wrote all hold the same value
-local parsed = {}
-local function record(v)
-  local p = parsed[v]
-  if p == nil then
-    local pv, pt, pe = parse(v)
-    p = {pv, pt, pe, v}
-    parsed[v] = p
+
+-- fact values -> {fv = version offset, ft = tombstone, fe = expires_s, fs = since_s,
+-- pe = expires_s, pc = count, pl = last_s} (fv / pe nil: no such part); nil when corrupt
+local function fparse(v)
+  local n = #v
+  if n < 10 then return nil end
+  local fl = string.byte(v, 1)
+  local F, T, P = band(fl, 1), band(fl, 2), band(fl, 4)
+  if fl > 7 or (F == 0 and T ~= 0) or (F == 0 and P == 0) then return nil end
+  local want = 1
+  if F ~= 0 then if T ~= 0 then want = want + 9 else want = want + 13 end end
+  if P ~= 0 then want = want + 10 end
+  if n ~= want then return nil end
+  local r = {}
+  local pos = 2
+  if F ~= 0 then
+    r.fe, r.fv, pos = struct.unpack('>I4I5', v, pos)
+    if r.fv == 0 then return nil end
+    if T ~= 0 then r.ft = 1; r.fs = 0 else r.ft = 0; r.fs, pos = struct.unpack('>I4', v, pos) end
   end
-  return p
+  if P ~= 0 then
+    r.pe, r.pc, r.pl = struct.unpack('>I4I2I4', v, pos)
+    if r.pc == 0 then return nil end
+  end
+  return r
 end
+
+-- drop the parts expired at now; returns the record (nil when empty) and whether it changed
+local function live(r)
+  local changed = false
+  if r.fv ~= nil and r.fe * 1000 <= now then r.fv = nil; changed = true end
+  if r.pe ~= nil and r.pe * 1000 <= now then r.pe = nil; changed = true end
+  if r.fv == nil and r.pe == nil then return nil, true end
+  return r, changed
+end
+
+-- the merge of two records; also 1 when it equals a, 2 when it equals b (nothing to encode)
+local function fmerge(a, b)
+  if a == nil then return b, 2 end
+  if b == nil then return a, 1 end
+  local m = {}
+  local s = a
+  if a.fv == nil then s = b
+  elseif b.fv ~= nil and (b.fv > a.fv or (b.fv == a.fv and (b.ft > a.ft or (b.ft == a.ft
+      and (b.fe > a.fe or (b.fe == a.fe and b.fs > a.fs)))))) then s = b end
+  if s.fv ~= nil then m.fv, m.ft, m.fe, m.fs = s.fv, s.ft, s.fe, s.fs end
+  local pa, pb = false, false  -- the purchase part equals a's, b's
+  if a.pe ~= nil and b.pe ~= nil then
+    m.pe, m.pc, m.pl = math.max(a.pe, b.pe), math.max(a.pc, b.pc), math.max(a.pl, b.pl)
+    pa = m.pe == a.pe and m.pc == a.pc and m.pl == a.pl
+    pb = m.pe == b.pe and m.pc == b.pc and m.pl == b.pl
+  elseif a.pe ~= nil then m.pe, m.pc, m.pl = a.pe, a.pc, a.pl; pa = true
+  elseif b.pe ~= nil then m.pe, m.pc, m.pl = b.pe, b.pc, b.pl; pb = true
+  else pa, pb = true, true end
+  local fa = s == a or (a.fv == nil and b.fv == nil)
+  local fb = s == b or (a.fv == nil and b.fv == nil)
+  if fa and pa then return a, 1 end
+  if fb and pb then return b, 2 end
+  return m, 0
+end
+
+local function fencode(m)
+  local fl, s = 0, ''
+  if m.fv ~= nil then
+    if m.ft == 1 then fl = 3; s = struct.pack('>I4I5', m.fe, m.fv)
+    else fl = 1; s = struct.pack('>I4I5I4', m.fe, m.fv, m.fs) end
+  end
+  if m.pe ~= nil then fl = fl + 4; s = s .. struct.pack('>I4I2I4', m.pe, m.pc, m.pl) end
+  return string.char(fl) .. s
+end
+
+local function lrec(v)
+  local ver, ttl, rem = dec(v)
+  if ver == nil then return nil end
+  local exp = NEVER
+  if ttl > 0 then exp = ver + ttl * 1000 end
+  return {ver, rem, exp, v}
+end
+
+local function lgreater(a, b)
+  return a[1] > b[1] or (a[1] == b[1] and (a[2] > b[2] or (a[2] == b[2] and a[3] > b[3])))
+end
+
+-- the buyer's hash: expired and corrupt fields dropped, legacy fields collected
 for i = 1, #raw, 2 do
-  local p = record(raw[i + 1])
-  if p[1] == nil or p[3] <= now then
-    drop[#drop + 1] = raw[i]
+  local f, v = raw[i], raw[i + 1]
+  local c = string.byte(f, 1)
+  local base, kind = nil, nil
+  if c == 45 then
+    local r = lrec(v)
+    if r == nil or r[3] <= now then drop[#drop + 1] = f else lists[f] = r end
   else
-    cur[raw[i]] = p
+    if c ~= nil and c >= 48 and c <= 57 then
+      local n = tonumber(f)
+      if n ~= nil and string.find(f, '^[1-9]%d*$') ~= nil and n < 2^53 then
+        local k = n % 4
+        if k == 0 then base = f else base = string.format('%.0f', n - k); kind = k end
+      end
+    elseif c == 102 then base = f
+    elseif c == 97 then base = 'f' .. string.sub(f, 2); kind = 1
+    elseif c == 111 then base = 'f' .. string.sub(f, 2); kind = 2
+    elseif c == 112 then base = 'f' .. string.sub(f, 2); kind = 3 end
+    if base == nil then
+      drop[#drop + 1] = f
+    elseif kind == nil then
+      local r = fparse(v)
+      local changed = false
+      if r ~= nil then r, changed = live(r) end
+      if r == nil then drop[#drop + 1] = f
+      else
+        r.raw = v
+        facts[f] = r
+        if changed then r.raw = fencode(r); touched[f] = true end
+      end
+    else
+      drop[#drop + 1] = f
+      local ver, ttl, tomb = dec(v)
+      if ver ~= nil and ver + ttl * 1000 > now then
+        local g = legacy[base]
+        if g == nil then g = {}; legacy[base] = g end
+        g[kind] = {ver, tomb, ver + ttl * 1000}
+      end
+    end
   end
 end
-local applied, stale, unmet = 0, 0, 0
-local touched = {}
-"""
-# One write (record p = {ver, tomb, exp, value} to field f), the rule both scripts share: an
-# undecodable value is stale; a record applies when the field has none or it is greater in the
-# order (version, tombstone, expiry); an applied record already expired removes the field.
-_APPLY_ONE: Final = """  if ver == nil then
-    stale = stale + 1
-  elseif old ~= nil and not (ver > old[1] or (ver == old[1] and (tomb > old[2]
-      or (tomb == old[2] and exp > old[3])))) then
-    stale = stale + 1
-  else
-    applied = applied + 1
-    touched[f] = true
-    if exp <= now then cur[f] = nil else cur[f] = p end
+
+-- legacy records -> facts of their seller (pricing_service.membership.layout.legacy_facts)
+local function ceil_s(ms) return math.ceil(ms / 1000) end
+local converted = 0
+for base, g in pairs(legacy) do
+  converted = converted + 1
+  local r = {}
+  local a, o, p = g[1], g[2], g[3]
+  if a ~= nil then
+    r.fv, r.ft, r.fe, r.fs = a[1] - EPOCH, a[2], ceil_s(a[3]), 0
+    if a[2] == 0 then
+      local since = a[1]
+      if o ~= nil and o[2] == 0 then since = math.min(o[1] - old_min, a[1]) end
+      r.fs = math.min(math.max(ceil_s(since), 0), 4294967295)
+    end
   end
-"""
-_APPLY_TRIPLES: Final = (
-    """for i = 2, #ARGV, 3 do
-  local f, v, c = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local p = record(v)
-  local ver, tomb, exp = p[1], p[2], p[3]
-  local old = cur[f]
-  local cond = nil
-  if c ~= '' then cond = cur[c] end
-  if ver ~= nil and c ~= '' and (cond == nil or cond[2] == 1) then
-    unmet = unmet + 1
-  else
-"""
-    + _APPLY_ONE
-    + """  end
+  if p ~= nil and p[2] == 0 then r.pe, r.pc, r.pl = ceil_s(p[3]), 1, 0 end
+  if r.fv ~= nil or r.pe ~= nil then
+    local m = fmerge(facts[base], r)
+    m.raw = fencode(m)
+    facts[base] = m
+    touched[base] = true
+  end
 end
-"""
-)
-_APPLY_SAME_VALUE: Final = (
-    """local p = record(ARGV[2])
-local ver, tomb, exp = p[1], p[2], p[3]
-for i = 3, #ARGV do
-  local f = ARGV[i]
-  local old = cur[f]
-"""
-    + _APPLY_ONE
-    + """end
-"""
-)
-_APPLY_TAIL: Final = """local del = {}
+
+-- the writes, in order
+local applied, stale = 0, 0
+for i = 3, #ARGV, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
+  if string.byte(f, 1) == 45 then
+    local r = lrec(v)
+    local old = lists[f]
+    if r == nil or (old ~= nil and not lgreater(r, old)) then stale = stale + 1
+    else
+      applied = applied + 1
+      touched[f] = true
+      if r[3] <= now then lists[f] = nil else lists[f] = r end
+    end
+  else
+    local r = fparse(v)
+    local changed = false
+    if r ~= nil then r, changed = live(r) end
+    if r == nil then stale = stale + 1
+    else
+      local m, same = fmerge(facts[f], r)
+      if same == 1 then stale = stale + 1
+      else
+        applied = applied + 1
+        if same == 2 and not changed then m.raw = v else m.raw = fencode(m) end
+        facts[f] = m
+        touched[f] = true
+      end
+    end
+  end
+end
+
+-- write back: one HDEL and one HSET per chunk (unpack is limited to a few thousand values)
+local del, set = {}, {}
 for i = 1, #drop do
   if touched[drop[i]] == nil then del[#del + 1] = drop[i] end
 end
-local maxexp = -1
-for f, rec in pairs(cur) do
-  if rec[3] > maxexp then maxexp = rec[3] end
+local maxexp, forever = -1, false
+for f, r in pairs(facts) do
+  if r.fv ~= nil and r.fe * 1000 > maxexp then maxexp = r.fe * 1000 end
+  if r.pe ~= nil and r.pe * 1000 > maxexp then maxexp = r.pe * 1000 end
 end
-local set = {}
+for f, r in pairs(lists) do
+  if r[3] == NEVER then forever = true elseif r[3] > maxexp then maxexp = r[3] end
+end
 for f, _ in pairs(touched) do
-  local rec = cur[f]
-  if rec == nil then del[#del + 1] = f else set[#set + 1] = f; set[#set + 1] = rec[4] end
+  local r = facts[f]
+  if r ~= nil then set[#set + 1] = f; set[#set + 1] = r.raw
+  else
+    local l = lists[f]
+    if l ~= nil then set[#set + 1] = f; set[#set + 1] = l[4] else del[#del + 1] = f end
+  end
 end
--- one HDEL and one HSET per chunk (unpack is limited to a few thousand values)
 for i = 1, #del, 4000 do
   redis.call('HDEL', key, unpack(del, i, math.min(i + 3999, #del)))
 end
 for i = 1, #set, 4000 do
   redis.call('HSET', key, unpack(set, i, math.min(i + 3999, #set)))
 end
-if maxexp >= 0 then
-  redis.call('PEXPIREAT', key, string.format('%.0f', maxexp + EPOCH_MS))
+if forever then
+  redis.call('PERSIST', key)
+elseif maxexp >= 0 then
+  redis.call('PEXPIREAT', key, string.format('%.0f', maxexp))
 end
-return {applied, stale, unmet}
+return {applied, stale, converted}
 """
 
-#: Atomic last-writer-wins upsert of one buyer's records.
-#: KEYS[1] = buyer hash; ARGV[1] = now (ms since EPOCH_MS);
-#: then triples: field, encoded value, condition field ('' = none: else the write applies only
-#: while that field is a live member, e.g. purchased_fans needs a current all_fans).
-#: Expired and undecodable fields are dropped first; a write applies only if it is greater in the
-#: order (version, tombstone, expiry): a newer version wins, on equal versions the tombstone wins,
-#: and on equal version and state the later expiry wins (so the result never depends on arrival
-#: order). A winning record that is already expired is deleted; the key expires at the latest
-#: remaining field expiry. Returns {applied, stale, condition_unmet}.
-APPLY_LUA: Final = (_APPLY_HEAD + _APPLY_TRIPLES + _APPLY_TAIL).replace("%EPOCH%", str(EPOCH_MS))
+#: Atomic, order-independent merge of one buyer's writes.
+#: KEYS[1] = buyer hash; ARGV[1] = now (ms since 1970); ARGV[2] = the old-fan threshold (ms) of
+#: the legacy records being converted; then pairs (field, value): a fact value merged into a
+#: fact field (follow last-writer-wins, purchases by maxima) or a list entry into a list field
+#: (newest change wins). Expired parts and fields, corrupt fields and legacy fields are dealt
+#: with first (module docstring). Returns {applied, stale, converted}: a write is stale when it
+#: changes nothing (older, equal, already expired or undecodable); converted = the sellers whose
+#: legacy records were converted. A call without writes only converts and cleans up.
+APPLY_LUA: Final = _APPLY.replace("%EPOCH%", str(EPOCH_MS))
 
-#: :data:`APPLY_LUA` for writes that all carry one value and no condition (a snapshot's: every
-#: write has the cut as version and the same expiry): ARGV[1] = now, ARGV[2] = the encoded
-#: value, then the fields. Same result as APPLY_LUA with triples (field, value, ''), for a third
-#: of the arguments (Redis parses, and Lua interns, one string per membership instead of three).
-APPLY_SAME_VALUE_LUA: Final = (_APPLY_HEAD + _APPLY_SAME_VALUE + _APPLY_TAIL).replace(
-    "%EPOCH%", str(EPOCH_MS)
-)
+#: The list crowd registry (``crowd_lists_key``): KEYS[1]; ARGV pairs (name, handle). Registers
+#: each name unless it already has a newer (greater) handle: handles only grow, so a late
+#: registration of a deleted crowd never hides the crowd created under its id afterwards.
+REGISTER_LISTS_LUA: Final = """
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  if cur == nil or cur < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+#: KEYS[1] = the registry; ARGV pairs (name, handle): unregisters each name still holding it.
+UNREGISTER_LISTS_LUA: Final = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 0
+"""

@@ -8,7 +8,8 @@ Import file formats (one seller's prices for many items, applied atomically):
 
 * JSON lines (``.jsonl``/``.ndjson``/``.json``): one object per line,
   ``{"seller_id": "42", "item_id": "1001", "crowd": "all_fans", "price": "18.88",
-  "currency": "CNY"}`` (+ optional ``start_time``/``end_time`` RFC 3339, ``rule_id``);
+  "currency": "CNY"}`` (+ optional ``start_time``/``end_time`` RFC 3339, ``rule_id``); ``crowd``
+  is a built-in crowd or the id of one of the seller's crowds (``"crowd": "vip30"``);
 * CSV (``.csv``): a header row naming the same columns.
 
 Prices are human decimals converted exactly (``decimal.Decimal``) with the currency's
@@ -46,7 +47,7 @@ def rule_line(rule: Rule) -> str:
             "rule_id": rule.rule_id,
             "seller_id": rule.seller_id,
             "item_id": rule.item_id,
-            "crowd": rule.kind.name.lower(),
+            "crowd": rule.crowd_id or rule.kind.name.lower(),
             "price": minor_to_decimal(rule.price.amount_minor, rule.price.currency),
             "currency": rule.price.currency,
             "amount_minor": rule.price.amount_minor,

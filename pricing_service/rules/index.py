@@ -326,9 +326,9 @@ class RuleIndex:
         if change.deleted:
             kept = tuple(r for r in current if r.rule_id != rule_id)
         else:
-            # one rule per (item, crowd kind): a replacement under another id evicts the old one
-            kind = rule.kind
-            kept = (*(r for r in current if r.rule_id != rule_id and r.kind != kind), rule)
+            # one rule per (item, crowd): a replacement under another id evicts the old one
+            crowd = rule.crowd_key
+            kept = (*(r for r in current if r.rule_id != rule_id and r.crowd_key != crowd), rule)
         self._count += len(kept) - len(current)
         if kept or not self._complete:
             by_item[item] = kept  # bounded: an item with no rules is held as known-empty

@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pricing_service.config import Settings
-from pricing_service.domain import Clock, CrowdKind, Money, Rule, SystemClock
+from pricing_service.crowds import CrowdDef
+from pricing_service.domain import Clock, CrowdKey, CrowdKind, Money, Rule, SystemClock
 from pricing_service.errors import (
     ConfigError,
     FailedPreconditionError,
@@ -35,6 +36,7 @@ from pricing_service.errors import (
     NotFoundError,
     PricingError,
 )
+from pricing_service.rules.crowd_store import CrowdChange, CrowdStore
 from pricing_service.rules.migrations import (
     CREATE_MIGRATIONS_TABLE,
     LATEST_VERSION,
@@ -120,6 +122,35 @@ class RuleStore(Protocol):
         self, seller_id: str, item_id: str, page_size: int, page_token: str
     ) -> tuple[list[RuleChange], str]: ...
 
+    # seller-defined crowds (pricing_service.rules.crowd_store)
+    async def create_crowd(self, crowd: CrowdDef, actor: str) -> CrowdDef: ...
+
+    async def get_crowd(self, seller_id: str, crowd_id: str) -> CrowdDef: ...
+
+    async def list_crowds(
+        self, seller_id: str, page_size: int, page_token: str
+    ) -> tuple[list[CrowdDef], str]: ...
+
+    async def delete_crowd(self, seller_id: str, crowd_id: str, actor: str) -> int: ...
+
+    async def record_member_change(
+        self, seller_id: str, crowd_id: str, added: int, removed: int, actor: str
+    ) -> int: ...
+
+    async def crowd_history(
+        self, seller_id: str, page_size: int, page_token: str
+    ) -> tuple[list[CrowdChange], str]: ...
+
+    async def crowd_revision(self) -> int: ...
+
+    async def crowd_changes_since(self, revision: int, limit: int) -> list[CrowdChange]: ...
+
+    async def load_crowds(self) -> tuple[list[CrowdDef], int]: ...
+
+    async def rules_with_crowds(
+        self, item_id: str
+    ) -> tuple[list[Rule], dict[CrowdKey, CrowdDef], int]: ...
+
     async def close(self) -> None: ...
 
 
@@ -135,11 +166,11 @@ class Tx(Protocol):
 
 RULE_COLUMNS = (
     "rule_id, seller_id, item_id, crowd_kind, currency, amount_minor, start_ms, end_ms,"
-    " revision, create_ms, update_ms"
+    " revision, create_ms, update_ms, crowd_id"
 )
 CHANGE_COLUMNS = (
     "revision, action, rule_id, seller_id, item_id, crowd_kind, currency, amount_minor,"
-    " start_ms, end_ms, rule_revision, create_ms, update_ms, actor, change_ms"
+    " start_ms, end_ms, rule_revision, create_ms, update_ms, actor, change_ms, crowd_id"
 )
 
 
@@ -155,12 +186,19 @@ def rule_from_row(r: Row) -> Rule:
         revision=int(r[8]),
         create_ms=int(r[9]),
         update_ms=int(r[10]),
+        crowd_id=r[11] or "",
     )
 
 
 def change_from_row(r: Row) -> RuleChange:
-    rule = rule_from_row((r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12]))
+    rule = rule_from_row(
+        (r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[15])
+    )
     return RuleChange(revision=int(r[0]), action=r[1], rule=rule, actor=r[13], change_ms=int(r[14]))
+
+
+def crowd_name(rule: Rule) -> str:
+    return rule.crowd_id or rule.kind.name.lower()
 
 
 def same_content(a: Rule, b: Rule) -> bool:
@@ -169,6 +207,7 @@ def same_content(a: Rule, b: Rule) -> bool:
         a.seller_id == b.seller_id
         and a.item_id == b.item_id
         and a.kind == b.kind
+        and a.crowd_id == b.crowd_id
         and a.price == b.price
         and a.start_ms == b.start_ms
         and a.end_ms == b.end_ms
@@ -228,8 +267,9 @@ def decode_token(token: str, *filters: str, field: str = "page_token") -> list[A
 # --- the shared implementation ------------------------------------------------------------
 
 
-class SqlRuleStore(ABC):
-    """Everything but the connection handling; subclasses provide transactions."""
+class SqlRuleStore(CrowdStore, ABC):
+    """Everything but the connection handling; subclasses provide transactions. The crowd
+    half is :class:`~pricing_service.rules.crowd_store.CrowdStore`."""
 
     #: SQL that reads and locks the revision counter inside a write transaction.
     LOCK_REVISION_SQL = "SELECT revision FROM rule_meta WHERE id = 1"
@@ -238,6 +278,7 @@ class SqlRuleStore(ABC):
         self.settings = settings
         self.clock = clock or SystemClock()
         self.max_rules_per_item = settings.max_rules_per_item
+        self.max_crowds_per_seller = settings.max_crowds_per_seller
 
     # backend hooks
     @abstractmethod
@@ -299,9 +340,9 @@ class SqlRuleStore(ABC):
         return out, changed
 
     async def upsert_many(self, rules: Sequence[Rule], actor: str) -> list[Rule]:
-        seen: dict[tuple[str, CrowdKind], int] = {}
+        seen: dict[tuple[str, CrowdKey], int] = {}
         for i, r in enumerate(rules):
-            key = (r.item_id, r.kind)
+            key = (r.item_id, r.crowd_key)
             if key in seen:
                 raise refusal(
                     InvalidArgumentError,
@@ -365,28 +406,42 @@ class SqlRuleStore(ABC):
                 "an item's rules all belong to one seller",
                 "ITEM_OWNED_BY_OTHER_SELLER",
             )
-        existing = next((r for r in item_rules if r.kind == rule.kind), None)
+        existing = next((r for r in item_rules if r.crowd_key == rule.crowd_key), None)
         if rule.rule_id:
             if existing is not None and existing.rule_id != rule.rule_id:
                 raise refusal(
                     FailedPreconditionError,
                     f"{field}.rule_id",
                     f"item {rule.item_id!r} already has rule {existing.rule_id!r} for "
-                    f"{rule.kind.name.lower()}; omit rule_id or use that one",
+                    f"{crowd_name(rule)}; omit rule_id or use that one",
                     "RULE_ID_CONFLICT",
                 )
             if existing is None:
                 named = await tx.fetchone(
-                    "SELECT item_id, crowd_kind FROM rules WHERE rule_id = ?", (rule.rule_id,)
+                    "SELECT item_id, crowd_kind, crowd_id FROM rules WHERE rule_id = ?",
+                    (rule.rule_id,),
                 )
                 if named is not None:
                     raise refusal(
                         FailedPreconditionError,
                         f"{field}.rule_id",
                         f"rule {rule.rule_id!r} belongs to item {named[0]!r} crowd "
-                        f"{CrowdKind(named[1]).name.lower()}, not to this item and crowd",
+                        f"{named[2] or CrowdKind(named[1]).name.lower()}, not to this item and "
+                        "crowd",
                         "RULE_ID_CONFLICT",
                     )
+        if rule.crowd_id and existing is None:
+            crowd = await tx.fetchone(
+                "SELECT form FROM crowds WHERE seller_id = ? AND crowd_id = ?",
+                (rule.seller_id, rule.crowd_id),
+            )
+            if crowd is None:
+                raise refusal(
+                    FailedPreconditionError,
+                    f"{field}.crowd_id",
+                    f"seller {rule.seller_id!r} has no crowd {rule.crowd_id!r}; create it first",
+                    "CROWD_NOT_FOUND",
+                )
         now = self.clock.now_ms()
         if existing is None:
             count = len(item_rules)
@@ -406,7 +461,7 @@ class SqlRuleStore(ABC):
                 update_ms=now,
             )
             await tx.execute(
-                f"INSERT INTO rules ({RULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO rules ({RULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     written.rule_id,
                     written.seller_id,
@@ -419,6 +474,7 @@ class SqlRuleStore(ABC):
                     revision,
                     now,
                     now,
+                    written.crowd_id,
                 ),
             )
         else:
@@ -451,7 +507,7 @@ class SqlRuleStore(ABC):
     async def _record(self, tx: Tx, revision: int, action: str, rule: Rule, actor: str) -> None:
         await tx.execute(
             f"INSERT INTO rule_changes ({CHANGE_COLUMNS})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 revision,
                 action,
@@ -468,6 +524,7 @@ class SqlRuleStore(ABC):
                 rule.update_ms,
                 actor,
                 self.clock.now_ms(),
+                rule.crowd_id,
             ),
         )
 
@@ -494,16 +551,18 @@ class SqlRuleStore(ABC):
             params.append(item_id)
         if page_token:
             pos = decode_token(page_token, "rules", seller_id, item_id)
-            if len(pos) != 3 or not all(isinstance(p, str | int) for p in pos):
+            if len(pos) == 3:  # a token of a server before crowd ids: at most one per kind
+                pos.append("")
+            if len(pos) != 4 or not all(isinstance(p, str | int) for p in pos):
                 raise refusal(
                     InvalidArgumentError, "page_token", "is malformed", "INVALID_PAGE_TOKEN"
                 )
-            where.append("(seller_id, item_id, crowd_kind) > (?, ?, ?)")
+            where.append("(seller_id, item_id, crowd_kind, crowd_id) > (?, ?, ?, ?)")
             params.extend(pos)
         sql = f"SELECT {RULE_COLUMNS} FROM rules"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seller_id, item_id, crowd_kind LIMIT ?"
+        sql += " ORDER BY seller_id, item_id, crowd_kind, crowd_id LIMIT ?"
         params.append(page_size + 1)
         [rows] = await self._read_all((sql, params))
         rules = [rule_from_row(r) for r in rows[:page_size]]
@@ -511,14 +570,20 @@ class SqlRuleStore(ABC):
         if len(rows) > page_size:
             last = rules[-1]
             token = encode_token(
-                [last.seller_id, last.item_id, int(last.kind)], "rules", seller_id, item_id
+                [last.seller_id, last.item_id, int(last.kind), last.crowd_id],
+                "rules",
+                seller_id,
+                item_id,
             )
         return rules, token
 
     async def rules_for_item(self, item_id: str) -> tuple[list[Rule], int]:
         rev, rows = await self._read_all(
             ("SELECT revision FROM rule_meta WHERE id = 1", ()),
-            (f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? ORDER BY crowd_kind", (item_id,)),
+            (
+                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? ORDER BY crowd_kind, crowd_id",
+                (item_id,),
+            ),
         )
         return [rule_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
 
@@ -544,7 +609,7 @@ class SqlRuleStore(ABC):
             ("SELECT revision FROM rule_meta WHERE id = 1", ()),
             (
                 f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id IN ({marks})"
-                " ORDER BY item_id, crowd_kind",
+                " ORDER BY item_id, crowd_kind, crowd_id",
                 tuple(item_ids),
             ),
         )
@@ -553,14 +618,14 @@ class SqlRuleStore(ABC):
     async def load_all(self, max_items: int | None = None) -> tuple[list[Rule], int]:
         if max_items is None:
             query: tuple[str, Sequence[object]] = (
-                f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind",
+                f"SELECT {RULE_COLUMNS} FROM rules ORDER BY item_id, crowd_kind, crowd_id",
                 (),
             )
         else:
             query = (
                 f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id IN"
                 " (SELECT DISTINCT item_id FROM rules ORDER BY item_id LIMIT ?)"
-                " ORDER BY item_id, crowd_kind",
+                " ORDER BY item_id, crowd_kind, crowd_id",
                 (max_items + 1,),
             )
         rev, rows = await self._read_all(("SELECT revision FROM rule_meta WHERE id = 1", ()), query)

@@ -25,6 +25,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pricing_service.crowds import (
+    BUILTIN_NAMES,
+    CROWD_ID,
+    MAX_DAYS,
+    MAX_PURCHASES,
+    CrowdDef,
+    Predicate,
+)
 from pricing_service.currency import MAX_AMOUNT_MINOR, MINOR_UNITS
 from pricing_service.domain import CrowdKind, Money, Rule
 from pricing_service.errors import FieldViolation, InvalidArgumentError
@@ -66,8 +74,42 @@ def check_id(value: str, info: ValidationInfo, *, allow_empty: bool = False) -> 
     return value
 
 
+#: Model-level refusals and the field each one is about (pydantic gives them no field).
+_MODEL_ERROR_FIELDS = {
+    "EMPTY_VALIDITY_WINDOW": "end_time",
+    "CONFLICTING_CROWD": "crowd_id",
+    "MISSING_CROWD_ID": "crowd_id",
+    "INVALID_CROWD_ID": "crowd_id",
+    "EMPTY_CROWD": "max_follow_days",
+    "MISSING_DEFINITION": "predicate",
+    "CONFLICTING_DEFINITION": "list",
+}
+
+
+def _optional_kind(value: object) -> CrowdKind | None:
+    """The crowd kind of a raw value, ``None`` when unspecified (0, empty)."""
+    if value in (None, 0, "") or (
+        isinstance(value, str)
+        and value.strip().upper() in ("UNSPECIFIED", "CROWD_KIND_UNSPECIFIED")
+    ):
+        return None
+    return parse_crowd(value)
+
+
+def check_crowd_id(value: str) -> str:
+    if not CROWD_ID.fullmatch(value):
+        raise _refuse(
+            "INVALID_CROWD_ID",
+            f"{value[:70]!r} is not a crowd id (1-63 of a-z, 0-9, '-', '_', starting with a "
+            "letter or digit)",
+        )
+    if value in BUILTIN_NAMES:
+        raise _refuse("RESERVED_CROWD_ID", f"{value!r} is a built-in crowd")
+    return value
+
+
 def parse_crowd(value: object) -> CrowdKind:
-    """A crowd kind from an enum number (1..3) or a name (``all_fans``, ``CROWD_KIND_ALL_FANS``)."""
+    """A crowd kind from an enum number (1..4) or a name (``all_fans``, ``CROWD_KIND_ALL_FANS``)."""
     if isinstance(value, CrowdKind):
         return value
     if isinstance(value, bool):
@@ -128,6 +170,9 @@ class RuleIn(BaseModel):
     seller_id: str
     item_id: str
     crowd: CrowdKind
+    #: the seller's crowd (``crowd`` then SELLER_DEFINED or unspecified); a built-in crowd's
+    #: name here means that built-in crowd
+    crowd_id: str = ""
     price: PriceIn
     start_time: int | None = Field(default=None, strict=True)
     end_time: int | None = Field(default=None, strict=True)
@@ -147,6 +192,29 @@ class RuleIn(BaseModel):
     def _crowd(cls, v: object) -> CrowdKind:
         return parse_crowd(v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _crowd_ref(cls, data: Any) -> Any:
+        """A crowd id names the crowd; the kind then is SELLER_DEFINED (or unspecified)."""
+        if not isinstance(data, dict):
+            return data
+        cid = data.get("crowd_id")
+        if not isinstance(cid, str) or not cid:
+            return data
+        kind = _optional_kind(data.get("crowd"))
+        builtin = BUILTIN_NAMES.get(cid)
+        if builtin is not None:
+            if kind is not None and kind != builtin:
+                raise _refuse("CONFLICTING_CROWD", f"crowd {kind.name} and crowd_id {cid!r} differ")
+            return {**data, "crowd": builtin, "crowd_id": ""}
+        check_crowd_id(cid)
+        if kind not in (None, CrowdKind.SELLER_DEFINED):
+            raise _refuse(
+                "CONFLICTING_CROWD",
+                f"a rule targets a built-in crowd ({kind.name}) or a crowd id ({cid!r}), not both",
+            )
+        return {**data, "crowd": CrowdKind.SELLER_DEFINED}
+
     @field_validator("start_time", "end_time")
     @classmethod
     def _time(cls, v: int | None) -> int | None:
@@ -159,6 +227,8 @@ class RuleIn(BaseModel):
         s, e = self.start_time, self.end_time
         if s is not None and e is not None and s >= e:
             raise _refuse("EMPTY_VALIDITY_WINDOW", "start_time must be before end_time")
+        if self.crowd == CrowdKind.SELLER_DEFINED and not self.crowd_id:
+            raise _refuse("MISSING_CROWD_ID", "a SELLER_DEFINED crowd needs its crowd_id")
         return self
 
     def to_domain(self) -> Rule:
@@ -170,6 +240,116 @@ class RuleIn(BaseModel):
             price=Money(self.price.currency_code, self.price.amount_minor),
             start_ms=self.start_time,
             end_ms=self.end_time,
+            crowd_id=self.crowd_id,
+        )
+
+
+def _days(v: int | None, *, minimum: int) -> int | None:
+    if v is None:
+        return v
+    if v < 0:
+        raise _refuse("NEGATIVE_THRESHOLD", f"must not be negative, got {v}")
+    if v < minimum:
+        raise _refuse("THRESHOLD_TOO_SMALL", f"must be at least {minimum}, got {v}")
+    if v > MAX_DAYS:
+        raise _refuse("THRESHOLD_TOO_LARGE", f"must be at most {MAX_DAYS} days, got {v}")
+    return v
+
+
+class PredicateIn(BaseModel):
+    """A predicate crowd's conditions (each optional; the buyer always follows the seller)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_follow_days: int | None = Field(default=None, strict=True)
+    max_follow_days: int | None = Field(default=None, strict=True)
+    min_purchases: int | None = Field(default=None, strict=True)
+    purchased_within_days: int | None = Field(default=None, strict=True)
+
+    @field_validator("min_follow_days")
+    @classmethod
+    def _min_days(cls, v: int | None) -> int | None:
+        return _days(v, minimum=0)
+
+    @field_validator("max_follow_days", "purchased_within_days")
+    @classmethod
+    def _max_days(cls, v: int | None) -> int | None:
+        return _days(v, minimum=1)
+
+    @field_validator("min_purchases")
+    @classmethod
+    def _purchases(cls, v: int | None) -> int | None:
+        if v is None:
+            return v
+        if v < 0:
+            raise _refuse("NEGATIVE_THRESHOLD", f"must not be negative, got {v}")
+        if v > MAX_PURCHASES:
+            raise _refuse("THRESHOLD_TOO_LARGE", f"must be at most {MAX_PURCHASES}, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> PredicateIn:
+        lo, hi = self.min_follow_days, self.max_follow_days
+        if lo is not None and hi is not None and lo > hi:
+            raise _refuse(
+                "EMPTY_CROWD",
+                f"followed at least {lo} and at most {hi} days: nobody can be in this crowd",
+            )
+        return self
+
+    def to_domain(self) -> Predicate:
+        return Predicate(
+            min_follow_days=self.min_follow_days or 0,
+            max_follow_days=self.max_follow_days,
+            min_purchases=self.min_purchases or 0,
+            purchased_within_days=self.purchased_within_days,
+        )
+
+
+class CrowdIn(BaseModel):
+    """A crowd as a caller defines it: a predicate or an explicit list, not both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seller_id: str
+    crowd_id: str
+    display_name: str = ""
+    predicate: PredicateIn | None = None
+    list: bool = False
+
+    @field_validator("seller_id")
+    @classmethod
+    def _seller(cls, v: str, info: ValidationInfo) -> str:
+        return check_id(v, info)
+
+    @field_validator("crowd_id")
+    @classmethod
+    def _crowd_id(cls, v: str) -> str:
+        return check_crowd_id(v)
+
+    @field_validator("display_name")
+    @classmethod
+    def _display(cls, v: str) -> str:
+        if len(v) > 200:
+            raise _refuse("NAME_TOO_LONG", "longer than 200 characters")
+        if not v.isprintable():
+            raise _refuse("INVALID_NAME", "must not contain control characters")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CrowdIn:
+        if self.predicate is None and not self.list:
+            raise _refuse("MISSING_DEFINITION", "a crowd is a predicate or a list: give one")
+        if self.predicate is not None and self.list:
+            raise _refuse("CONFLICTING_DEFINITION", "a crowd is a predicate or a list, not both")
+        return self
+
+    def to_domain(self) -> CrowdDef:
+        return CrowdDef(
+            seller_id=self.seller_id,
+            crowd_id=self.crowd_id,
+            predicate=self.predicate.to_domain() if self.predicate is not None else None,
+            display_name=self.display_name,
         )
 
 
@@ -207,9 +387,10 @@ def to_invalid_argument(exc: ValidationError, prefix: str) -> InvalidArgumentErr
     violations: list[FieldViolation] = []
     for err in exc.errors(include_url=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # a model validator's error has no field of its own: blame the window's end
-        if err["type"] == "EMPTY_VALIDITY_WINDOW":
-            loc = (*loc, "end_time")
+        # a model validator's error has no field of its own: blame the field it is about
+        about = _MODEL_ERROR_FIELDS.get(err["type"])
+        if about is not None and (not loc or loc[-1] != about):
+            loc = (*loc, about)
         reason = _BUILTIN_REASONS.get(err["type"], err["type"])
         if not reason.isupper():
             reason = "INVALID_VALUE"
@@ -296,6 +477,7 @@ IMPORT_FIELDS = (
     "seller_id",
     "item_id",
     "crowd",
+    "crowd_id",
     "price",
     "currency",
     "start_time",
@@ -318,11 +500,17 @@ def rule_from_human(
         if row.get(required) in (None, ""):
             raise InvalidArgumentError.field(f"{prefix}.{required}", "is required", "MISSING_FIELD")
     currency = str(row["currency"]).strip().upper()
+    crowd, crowd_id = row.get("crowd", 0), row.get("crowd_id") or ""
+    if isinstance(crowd, str) and not crowd_id:
+        name = crowd.strip()
+        if name.lower() not in BUILTIN_NAMES and not name.upper().startswith("CROWD_KIND_"):
+            crowd, crowd_id = 0, name  # --crowd vip30: the seller's crowd vip30
     data = {
         "rule_id": row.get("rule_id") or "",
         "seller_id": row.get("seller_id", ""),
         "item_id": row.get("item_id", ""),
-        "crowd": row.get("crowd", 0),
+        "crowd": crowd,
+        "crowd_id": crowd_id,
         "price": {
             "currency_code": currency,
             "amount_minor": decimal_to_minor(row["price"], currency, f"{prefix}.price"),

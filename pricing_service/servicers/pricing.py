@@ -31,6 +31,8 @@ def _fill_item_price(d: Decision, out: pricing_pb2.ItemPrice) -> None:
         out.rule_id = rule.rule_id
         out.crowd = int(rule.kind)  # type: ignore[assignment]
         out.seller_id = rule.seller_id
+        if rule.crowd_id:
+            out.crowd_id = rule.crowd_id
 
 
 #: Entries of each memo of :class:`PricingServicer` before it is cleared: the hot items and
@@ -127,6 +129,8 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
                     seller_id=ev.rule.seller_id,
                     crowd=int(ev.rule.kind),
                     outcome=int(ev.outcome),
+                    crowd_id=ev.rule.crowd_id,
+                    reason=ev.reason,
                 )
                 money_to_proto(ev.rule.price, e.price)
         return response
@@ -182,6 +186,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         if result.rule is not None:
             response.rule_id = result.rule.rule_id
             response.crowd = int(result.rule.kind)  # type: ignore[assignment]
+            response.crowd_id = result.rule.crowd_id
         if result.membership_as_of_ms:
             ms_to_timestamp(result.membership_as_of_ms, response.membership_as_of)
         return response

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,14 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
-from tests.support.procs import (
-    Proc,
-    pricing_service,
-    run_sync_worker,
-    service_env,
-    sync_worker,
-    wait_serving,
-)
+from tests.support.procs import Proc, run_sync_worker
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]
@@ -47,28 +39,6 @@ def write_snapshot(
             f.write(f"{user},{seller},{rfc3339(followed)},{count}\n")
     manifest = {"snapshot_time": rfc3339(cut), "files": ["part-00000.csv"], "rows": len(rows)}
     (directory / "manifest.json").write_text(json.dumps(manifest))
-
-
-@pytest.fixture
-def system(
-    redis_url: str, namespace: str, tmp_path: Path
-) -> Iterator[tuple[dict[str, str], Proc, Proc]]:
-    env = service_env(redis_url=redis_url, namespace=namespace, tmp=tmp_path)
-    server = pricing_service(env, tmp_path / "server.log")
-    worker: Proc | None = None
-    try:
-        wait_serving(env["PRICING_LISTEN"], server)
-        worker = sync_worker(env, tmp_path / "worker.log", "consume")
-        # its SIGTERM handler is in place from here on (a SIGTERM during start-up kills it)
-        worker.wait_log("stream_consumer_started")
-        yield env, server, worker
-    finally:
-        codes = {"server": server.terminate()}
-        if worker is not None:
-            codes["worker"] = worker.terminate()
-        assert codes == {"server": 0, "worker": 0} or worker is None, (
-            f"exit codes {codes}\nserver:\n{server.log()}\nworker:\n{worker.log() if worker else ''}"
-        )
 
 
 def money(amount: int, currency: str = "CNY") -> common_pb2.Money:

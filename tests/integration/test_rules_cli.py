@@ -39,7 +39,7 @@ async def stored(settings: Settings) -> tuple[dict[str, Money], int]:
 async def test_migrate_is_idempotent(settings: Settings) -> None:
     out = io.StringIO()
     assert await cli.migrate(settings, out) == 0
-    assert f"applied migrations [1]; schema version {LATEST_VERSION}" in out.getvalue()
+    assert f"applied migrations [1, 2]; schema version {LATEST_VERSION}" in out.getvalue()
     out = io.StringIO()
     assert await cli.migrate(settings, out) == 0
     assert "up to date" in out.getvalue()
@@ -107,6 +107,10 @@ async def test_import_csv_and_json_numbers_are_exact(settings: Settings, tmp_pat
         ("seller_id,item_id,crowd,price,currency\n42,a,all_fans,1,ABC\n",
          "line 2.currency: UNKNOWN_CURRENCY"),
         ("seller_id,item_id,crowd,price,currency\n42,a,everyone,1,CNY\n",
+         "rules[0].crowd_id: CROWD_NOT_FOUND"),  # not built in: the seller has no such crowd
+        ("seller_id,item_id,crowd,price,currency\n42,a,Every One,1,CNY\n",
+         "line 2.crowd_id: INVALID_CROWD_ID"),
+        ("seller_id,item_id,crowd,price,currency\n42,a,CROWD_KIND_EVERYONE,1,CNY\n",
          "line 2.crowd: INVALID_CROWD"),
         ("seller_id,item_id,crowd,price,currency\n42,,all_fans,1,CNY\n",
          "line 2.item_id: MISSING_ID"),

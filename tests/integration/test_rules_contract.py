@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pricing_service.crowds import CrowdDef, Predicate
 from pricing_service.domain import CrowdKind, ManualClock, Money, Rule
 from pricing_service.errors import (
     FailedPreconditionError,
@@ -401,3 +402,46 @@ async def test_written_rule_round_trips_every_field(store: SqlRuleStore) -> None
     assert replace(written, rule_id="", revision=0, create_ms=0, update_ms=0) == r
     assert await store.get(written.rule_id) == written
     assert (await store.changes_since(0, 1))[0].rule == written
+
+
+# --- seller-defined crowds ------------------------------------------------------------------------
+async def test_crowds_rules_that_target_them_and_the_strict_read(store: SqlRuleStore) -> None:
+    loyal = await store.create_crowd(CrowdDef("42", "loyal", Predicate(min_follow_days=30)), "a")
+    vip = await store.create_crowd(CrowdDef("42", "vip", None, display_name="VIPs"), "a")
+    other = await store.create_crowd(CrowdDef("7", "vip", None), "a")
+    assert (loyal.list_handle, vip.list_handle, other.list_handle) == (0, 1, 2)
+    assert await store.get_crowd("42", "vip") == vip
+    r1, _ = await store.upsert(
+        Rule("", "42", "i1", CrowdKind.SELLER_DEFINED, Money("CNY", 500), crowd_id="loyal"), "a"
+    )
+    r2, _ = await store.upsert(
+        Rule("", "42", "i1", CrowdKind.SELLER_DEFINED, Money("CNY", 400), crowd_id="vip"), "a"
+    )
+    r3, _ = await store.upsert(rule("i1", CrowdKind.ALL_FANS, 900), "a")
+    assert r1.rule_id != r2.rule_id  # two seller crowds on one item are two rules
+    rules, crowds, revision = await store.rules_with_crowds("i1")
+    assert {r.rule_id for r in rules} == {r1.rule_id, r2.rule_id, r3.rule_id}
+    assert crowds == {("42", "loyal"): loyal, ("42", "vip"): vip}  # 7's vip is not this item's
+    assert revision == await store.current_revision()
+    listed, token = await store.list_rules("42", "i1", 2, "")
+    rest, end = await store.list_rules("42", "i1", 2, token)
+    assert {r.rule_id for r in listed + rest} == {r1.rule_id, r2.rule_id, r3.rule_id} and not end
+    with pytest.raises(FailedPreconditionError) as err:
+        await store.delete_crowd("42", "vip", "a")
+    assert err.value.reason == "CROWD_IN_USE"
+    await store.delete(r2.rule_id, "a")
+    await store.delete_crowd("42", "vip", "a")
+    with pytest.raises(NotFoundError):
+        await store.get_crowd("42", "vip")
+    changes = await store.crowd_changes_since(0, 100)
+    assert [(c.revision, c.action, c.crowd.name) for c in changes] == [
+        (1, "CREATE", "sellers/42/crowds/loyal"),
+        (2, "CREATE", "sellers/42/crowds/vip"),
+        (3, "CREATE", "sellers/7/crowds/vip"),
+        (4, "DELETE", "sellers/42/crowds/vip"),
+    ]
+    history = await store.history("42", "i1", 10, "")
+    assert [(c.action, c.rule.crowd_id) for c in history[0]][:2] == [
+        ("DELETE", "vip"),
+        ("UPSERT", ""),
+    ]

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from pricing_service.crowds import CrowdDef, Predicate
 from pricing_service.domain import CrowdKind, ManualClock, Money, Rule
 from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from pricing_service.rules.index import RuleIndex
@@ -28,11 +29,26 @@ pytestmark = pytest.mark.integration
 
 SELLERS = st.sampled_from(["s1", "s2"])
 ITEMS = st.sampled_from(["i1", "i2", "i3"])
-KINDS = st.sampled_from(list(CrowdKind))
+#: a built-in kind or a seller's crowd id: "vip" exists for both sellers, "loyal" for s1 only
+KINDS = st.sampled_from(
+    [CrowdKind.ALL_FANS, CrowdKind.OLD_FANS, CrowdKind.PURCHASED_FANS, "vip", "loyal"]
+)
+CROWDS = {("s1", "vip"), ("s2", "vip"), ("s1", "loyal")}
 AMOUNTS = st.sampled_from([100, 200])
 MAX_PER_ITEM = 2
 
-Key = tuple[str, CrowdKind]
+Ref = CrowdKind | str
+Key = tuple[str, Ref]
+
+
+def make(seller: str, item: str, ref: Ref, amount: int) -> Rule:
+    if isinstance(ref, str):
+        return Rule("", seller, item, CrowdKind.SELLER_DEFINED, Money("CNY", amount), crowd_id=ref)
+    return Rule("", seller, item, ref, Money("CNY", amount))
+
+
+def ref_of(r: Rule) -> Ref:
+    return r.crowd_id or r.kind
 
 
 class RuleStoreMachine(RuleBasedStateMachine):
@@ -42,6 +58,8 @@ class RuleStoreMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="rules-model-"))
         self.settings = settings_for(sqlite_url(self.dir), max_rules_per_item=MAX_PER_ITEM)
         self.store: SqlRuleStore = self.run(open_rule_store(self.settings))
+        for seller, crowd_id in sorted(CROWDS):
+            self.run(self.store.create_crowd(CrowdDef(seller, crowd_id, Predicate()), "m"))
         self.index = RuleIndex(self.store, self.settings, ManualClock())
         self.run(self.index.load())
         self.model: dict[Key, tuple[str, int]] = {}  # (item, kind) -> (seller, amount)
@@ -51,16 +69,19 @@ class RuleStoreMachine(RuleBasedStateMachine):
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
 
-    def expect(self, seller: str, item: str, kind: CrowdKind, amount: int) -> str | None:
+    def expect(self, seller: str, item: str, kind: Ref, amount: int) -> str | None:
         """The refusal reason the model predicts for one upsert, or None."""
         on_item = {k: v for k, v in self.model.items() if k[0] == item}
         if any(s != seller for s, _ in on_item.values()):
             return "ITEM_OWNED_BY_OTHER_SELLER"
-        if (item, kind) not in self.model and len(on_item) >= MAX_PER_ITEM:
+        new = (item, kind) not in self.model
+        if new and isinstance(kind, str) and (seller, kind) not in CROWDS:
+            return "CROWD_NOT_FOUND"
+        if new and len(on_item) >= MAX_PER_ITEM:
             return "TOO_MANY_RULES_FOR_ITEM"
         return None
 
-    def apply(self, seller: str, item: str, kind: CrowdKind, amount: int) -> bool:
+    def apply(self, seller: str, item: str, kind: Ref, amount: int) -> bool:
         changed = self.model.get((item, kind)) != (seller, amount)
         self.model[(item, kind)] = (seller, amount)
         if changed:
@@ -68,8 +89,8 @@ class RuleStoreMachine(RuleBasedStateMachine):
         return changed
 
     @rule(seller=SELLERS, item=ITEMS, kind=KINDS, amount=AMOUNTS)
-    def upsert(self, seller: str, item: str, kind: CrowdKind, amount: int) -> None:
-        r = Rule("", seller, item, kind, Money("CNY", amount))
+    def upsert(self, seller: str, item: str, kind: Ref, amount: int) -> None:
+        r = make(seller, item, kind, amount)
         reason = self.expect(seller, item, kind, amount)
         if reason is not None:
             with pytest.raises(FailedPreconditionError) as err:
@@ -86,8 +107,8 @@ class RuleStoreMachine(RuleBasedStateMachine):
         seller=SELLERS,
         entries=st.lists(st.tuples(ITEMS, KINDS, AMOUNTS), min_size=1, max_size=4),
     )
-    def batch(self, seller: str, entries: list[tuple[str, CrowdKind, int]]) -> None:
-        rules = [Rule("", seller, i, k, Money("CNY", a)) for i, k, a in entries]
+    def batch(self, seller: str, entries: list[tuple[str, Ref, int]]) -> None:
+        rules = [make(seller, i, k, a) for i, k, a in entries]
         keys = [(i, k) for i, k, _ in entries]
         if len(set(keys)) != len(keys):
             with pytest.raises(InvalidArgumentError):
@@ -101,18 +122,19 @@ class RuleStoreMachine(RuleBasedStateMachine):
                 with pytest.raises(FailedPreconditionError) as err:
                     self.run(self.store.upsert_many(rules, "m"))
                 assert err.value.reason == reason
-                assert err.value.violations[0].field == f"rules[{n}].item_id"
+                field = "crowd_id" if reason == "CROWD_NOT_FOUND" else "item_id"
+                assert err.value.violations[0].field == f"rules[{n}].{field}"
                 return
             self.apply(seller, i, k, a)
         written = self.run(self.store.upsert_many(rules, "m"))
         for w in written:
-            self.ids.setdefault((w.item_id, w.kind), w.rule_id)
-            assert w.rule_id == self.ids[(w.item_id, w.kind)]
+            self.ids.setdefault((w.item_id, ref_of(w)), w.rule_id)
+            assert w.rule_id == self.ids[(w.item_id, ref_of(w))]
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        key = data.draw(st.sampled_from(sorted(self.model)))
+        key = data.draw(st.sampled_from(sorted(self.model, key=str)))
         rule_id = self.ids.pop(key)
         del self.model[key]
         self.revision += 1
@@ -128,7 +150,7 @@ class RuleStoreMachine(RuleBasedStateMachine):
     def store_matches_model(self) -> None:
         rules, revision = self.run(self.store.load_all())
         assert revision == self.revision
-        assert {(r.item_id, r.kind): (r.seller_id, r.price.amount_minor) for r in rules} == (
+        assert {(r.item_id, ref_of(r)): (r.seller_id, r.price.amount_minor) for r in rules} == (
             self.model
         )
 
@@ -139,7 +161,7 @@ class RuleStoreMachine(RuleBasedStateMachine):
         for item in ("i1", "i2", "i3"):
             expected = {(k[1], v) for k, v in self.model.items() if k[0] == item}
             got = {
-                (r.kind, (r.seller_id, r.price.amount_minor)) for r in self.index.rules_for(item)
+                (ref_of(r), (r.seller_id, r.price.amount_minor)) for r in self.index.rules_for(item)
             }
             assert got == expected
 

@@ -591,7 +591,7 @@ async def test_a_list_price_set_without_a_currency_is_refused_an_unset_one_is_no
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.pricing.BatchGetLowestPrice(req, timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        reason, fields = error_info(caught.value)
+        _reason, fields = error_info(caught.value)
         assert fields and all(f.startswith("items[1].list_price") for f in fields), fields
 
 

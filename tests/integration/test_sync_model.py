@@ -1,8 +1,8 @@
-"""A plain-Python model of membership (last writer wins) for the sync worker's tests.
+"""A plain-Python model of membership facts for the sync worker's tests.
 
 Besides the model's own tests this module holds helpers the other ``test_sync_*`` modules
-import: reading a namespace's whole membership state back from Redis, and running the
-``sync-worker`` CLI as a subprocess.
+import: reading a namespace's whole fact state back from Redis, and running the ``sync-worker``
+CLI as a subprocess.
 """
 
 from __future__ import annotations
@@ -15,47 +15,97 @@ from pathlib import Path
 
 import redis
 
-from pricing_service.domain import Crowd, CrowdKind
-from pricing_service.membership.derive import MembershipWrite, Ttls, follow, purchase, unfollow
-from pricing_service.membership.layout import LayoutError, MembershipLayout, Record
+from pricing_service.membership.derive import (
+    FactWrite,
+    MembershipWrite,
+    Ttls,
+    follow,
+    purchase,
+    unfollow,
+)
+from pricing_service.membership.layout import (
+    Facts,
+    Follow,
+    LayoutError,
+    MembershipLayout,
+    Purchases,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-Key = tuple[str, Crowd]
+Key = tuple[str, str]  # (user, seller)
+
+
+def _up(ms: int) -> int:
+    return -(-ms // 1000) * 1000
 
 
 class Model:
-    """(user, crowd) -> Record, with the store's rules: newer version wins, on a tie the
-    tombstone wins; a conditional write needs a live, non-tombstone condition record."""
+    """(user, seller) -> facts, with the layout's documented rules: the follow part is the
+    latest fact by its time (an unfollow wins a tie), purchases merge by maxima, times are kept
+    to the second; what has lapsed at the time of a write is forgotten."""
 
     def __init__(self) -> None:
-        self.recs: dict[Key, Record] = {}
+        self.recs: dict[Key, Facts] = {}
 
     def apply(self, writes: Iterable[MembershipWrite], now_ms: int) -> None:
         for w in writes:
-            if w.requires is not None:
-                cond = self.recs.get((w.user_id, w.requires))
-                if cond is None or not cond.is_member(now_ms):
-                    continue
-            key = (w.user_id, w.crowd)
-            old = self.recs.get(key)
-            if old is not None and not old.is_live(now_ms):
-                old = None
-            if old is not None and (
-                w.version_ms < old.version_ms
-                or (w.version_ms == old.version_ms and w.tombstone <= old.tombstone)
-            ):
+            if not isinstance(w, FactWrite):
                 continue
-            self.recs[key] = Record(w.tombstone, w.version_ms, w.expires_ms)
+            key = (w.user_id, w.seller_id)
+            old = self.recs.get(key)
+            old_f = old.follow if old is not None else None
+            old_p = old.purchases if old is not None else None
+            if old_f is not None and old_f.expires_ms <= now_ms:
+                old_f = None
+            if old_p is not None and old_p.expires_ms <= now_ms:
+                old_p = None
+            f, p = w.facts.follow, w.facts.purchases
+            if f is not None:
+                f = Follow(
+                    f.version_ms,
+                    f.tombstone,
+                    _up(f.expires_ms),
+                    0 if f.tombstone else _up(f.since_ms),
+                )
+                if f.expires_ms <= now_ms:
+                    f = None
+            if p is not None:
+                p = Purchases(_up(p.expires_ms), min(p.count, 65_535), p.last_ms // 1000 * 1000)
+                if p.expires_ms <= now_ms:
+                    p = None
+            if f is None or (
+                old_f is not None
+                and (f.version_ms, f.tombstone, f.expires_ms, f.since_ms)
+                <= (old_f.version_ms, old_f.tombstone, old_f.expires_ms, old_f.since_ms)
+            ):
+                f = old_f
+            if p is None:
+                p = old_p
+            elif old_p is not None:
+                p = Purchases(
+                    max(p.expires_ms, old_p.expires_ms),
+                    max(p.count, old_p.count),
+                    max(p.last_ms, old_p.last_ms),
+                )
+            if f is None and p is None:
+                self.recs.pop(key, None)
+            else:
+                self.recs[key] = Facts(f, p)
 
-    def live(self, now_ms: int) -> dict[Key, Record]:
-        return {k: r for k, r in self.recs.items() if r.is_live(now_ms)}
+    def live(self, now_ms: int) -> dict[Key, Facts]:
+        out = {}
+        for k, facts in self.recs.items():
+            live = facts.live(now_ms)
+            if live is not None:
+                out[k] = live
+        return out
 
 
-def redis_state(url: str, namespace: str, now_ms: int) -> dict[Key, Record]:
-    """Every live record of a namespace, read back from Redis."""
+def redis_state(url: str, namespace: str, now_ms: int) -> dict[Key, Facts]:
+    """Every live fact of a namespace, read back from Redis."""
     layout = MembershipLayout(namespace)
     client = redis.Redis.from_url(url, socket_timeout=10)
-    out: dict[Key, Record] = {}
+    out: dict[Key, Facts] = {}
     try:
         for key in client.scan_iter(match=layout.user_key_pattern(), count=1000):
             user = layout.user_from_key(key.decode())
@@ -63,11 +113,15 @@ def redis_state(url: str, namespace: str, now_ms: int) -> dict[Key, Record]:
                 continue
             for f, v in client.hgetall(key).items():
                 try:
-                    rec = layout.decode(v)
+                    kind, seller = layout.parse_field(f)
+                    if kind != "facts":
+                        continue
+                    raw = v if isinstance(v, bytes) else v.encode()
+                    facts = layout.decode_facts(raw).live(now_ms)
                 except LayoutError:
                     continue
-                if rec.is_live(now_ms):
-                    out[(user, layout.field_crowd(f))] = rec
+                if facts is not None:
+                    out[(user, str(seller))] = facts
     finally:
         client.close()
     return out
@@ -113,8 +167,6 @@ def popen(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 # --- the model's own tests -----------------------------------------------------------------------
 TTLS = Ttls.from_seconds(3600, 7200, 30)
 T = 1_760_000_000_000
-ALL = Crowd("7", CrowdKind.ALL_FANS)
-BOUGHT = Crowd("7", CrowdKind.PURCHASED_FANS)
 
 
 def test_model_last_writer_wins_in_any_order() -> None:
@@ -123,20 +175,20 @@ def test_model_last_writer_wins_in_any_order() -> None:
     b = Model()
     b.apply(unfollow("u", "7", T + 1, TTLS) + follow("u", "7", T, TTLS), T)
     assert a.live(T) == b.live(T)
-    assert a.live(T)[("u", ALL)].tombstone
+    f = a.live(T)[("u", "7")].follow
+    assert f is not None and f.tombstone
 
 
-def test_model_tie_goes_to_the_tombstone_and_purchase_needs_a_fan() -> None:
+def test_model_tie_goes_to_the_tombstone_and_a_purchase_needs_no_fan() -> None:
     m = Model()
     m.apply(purchase("u", "7", T, TTLS), T)
-    assert ("u", BOUGHT) not in m.live(T)
-    m.apply(follow("u", "7", T, TTLS) + purchase("u", "7", T + 1, TTLS), T)
-    assert ("u", BOUGHT) in m.live(T)
-    m.apply(unfollow("u", "7", T + 1, TTLS) + follow("u", "7", T + 1, TTLS), T)
-    assert m.live(T)[("u", ALL)].tombstone
+    assert m.live(T)[("u", "7")].purchases is not None
+    m.apply(follow("u", "7", T + 1, TTLS) + unfollow("u", "7", T + 1, TTLS), T)
+    f = m.live(T)[("u", "7")].follow
+    assert f is not None and f.tombstone
 
 
-def test_model_drops_expired_records() -> None:
+def test_model_drops_expired_facts() -> None:
     m = Model()
     m.apply(follow("u", "7", T, TTLS), T)
     assert m.live(T + 3_600_000) == {}

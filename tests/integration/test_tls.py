@@ -10,7 +10,7 @@ import pytest
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import load_settings
-from pricing_service.domain import SystemClock
+from pricing_service.domain import Crowd, CrowdKind, SystemClock
 from pricing_service.membership import derive
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
@@ -166,7 +166,7 @@ async def test_rediss_membership_round_trip(
         now = SystemClock().now_ms()
         ttls = derive.Ttls.from_seconds(3600, 3600, 30)
         await store.apply(derive.follow("u", "42", now, ttls))
-        members = await store.member_crowds("u", [derive.follow("u", "42", now, ttls)[0].crowd])
+        members = await store.member_crowds("u", [Crowd("42", CrowdKind.ALL_FANS)])
         assert len(members) == 1
     finally:
         await client.aclose()

@@ -24,8 +24,9 @@ acknowledged, as a durable producer does: a master killed before replicating the
 lose an event the model already holds.
 
 After the load stops, :meth:`Load.settle` waits for the sync worker to apply everything and
-:meth:`Load.check_final_state` compares Redis with the :class:`MembershipModel` (every record,
-exactly: state, version and expiry, last writer wins by the time of the fact), the stream's
+:meth:`Load.check_final_state` compares Redis with the :class:`MembershipModel` (every fact,
+exactly: follow state, version, start and expiry, last writer wins by the time of the fact;
+purchases by maxima), the stream's
 pending list, the dead letters, and every acknowledged rule write with the rule store.
 """
 
@@ -46,10 +47,10 @@ from redis.exceptions import RedisError
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import load_settings
-from pricing_service.domain import Crowd, CrowdKind, SystemClock
+from pricing_service.domain import SystemClock
 from pricing_service.membership import derive
-from pricing_service.membership.derive import MembershipWrite, Ttls
-from pricing_service.membership.layout import MembershipLayout, Record
+from pricing_service.membership.derive import FactWrite, MembershipWrite, Ttls
+from pricing_service.membership.layout import Facts, Follow, MembershipLayout, Purchases
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import TRANSIENT_ERRORS, ReplicaAcks, is_cluster_url, make_redis
 from sync_worker.events import EVENT_FIELD, make_event
@@ -83,34 +84,48 @@ def code_name(err: BaseException) -> str:
 
 
 # --- the model ------------------------------------------------------------------------------
-_Key = tuple[str, Crowd]
+_Key = tuple[str, str]  # (buyer, seller)
 
 
-def _order(w: MembershipWrite) -> tuple[int, bool, int]:
-    return (w.version_ms, w.tombstone, w.expires_ms)
+def _up(ms: int) -> int:
+    return -(-ms // 1000) * 1000
 
 
 class MembershipModel:
-    """Last writer wins by the time of the fact, per (buyer, crowd): what Redis must hold."""
+    """What Redis must hold per (buyer, seller): the latest follow fact by its time (an unfollow
+    wins a tie) and the purchases known (maxima), times kept to the second. Nothing lapses
+    during a run (48 h lifetimes)."""
 
     def __init__(self, ttls: Ttls = DEFAULT_TTLS) -> None:
         self.ttls = ttls
-        self.best: dict[_Key, MembershipWrite] = {}
-        self.by_user: dict[str, set[Crowd]] = {}
+        self.follows: dict[_Key, Follow] = {}
+        self.purchases: dict[_Key, Purchases] = {}
+        self.by_user: dict[str, set[str]] = {}
         self.users: set[str] = set()
 
     def apply(self, writes: Iterable[MembershipWrite]) -> None:
         for w in writes:
+            if not isinstance(w, FactWrite):
+                continue
             self.users.add(w.user_id)
-            if w.requires is not None:
-                cond = self.best.get((w.user_id, w.requires))
-                if cond is None or cond.tombstone or cond.expires_ms <= now_ms():
-                    continue
-            key = (w.user_id, w.crowd)
-            cur = self.best.get(key)
-            if cur is None or _order(w) > _order(cur):
-                self.best[key] = w
-                self.by_user.setdefault(w.user_id, set()).add(w.crowd)
+            key = (w.user_id, w.seller_id)
+            self.by_user.setdefault(w.user_id, set()).add(w.seller_id)
+            f, p = w.facts.follow, w.facts.purchases
+            if f is not None:
+                f = Follow(f.version_ms, f.tombstone, _up(f.expires_ms),
+                           0 if f.tombstone else _up(f.since_ms))  # fmt: skip
+                cur = self.follows.get(key)
+                if cur is None or (f.version_ms, f.tombstone, f.expires_ms, f.since_ms) > (
+                    cur.version_ms, cur.tombstone, cur.expires_ms, cur.since_ms
+                ):  # fmt: skip
+                    self.follows[key] = f
+            if p is not None:
+                p = Purchases(_up(p.expires_ms), min(p.count, 65_535), p.last_ms // 1000 * 1000)
+                old = self.purchases.get(key)
+                if old is not None:
+                    p = Purchases(max(p.expires_ms, old.expires_ms), max(p.count, old.count),
+                                  max(p.last_ms, old.last_ms))  # fmt: skip
+                self.purchases[key] = p
 
     def snapshot_row(self, user: str, seller: str, followed_ms: int, bought: int, cut: int) -> None:
         self.apply(derive.snapshot_row(user, seller, followed_ms, bought, cut, self.ttls))
@@ -119,16 +134,15 @@ class MembershipModel:
         fn = {"follow": derive.follow, "unfollow": derive.unfollow, "purchase": derive.purchase}
         self.apply(fn[kind](user, seller, at_ms, self.ttls))
 
-    def expected(self, user: str) -> dict[Crowd, Record]:
-        out = {}
-        for crowd in self.by_user.get(user, ()):
-            w = self.best[(user, crowd)]
-            out[crowd] = Record(w.tombstone, w.version_ms, w.expires_ms)
-        return out
+    def expected(self, user: str) -> dict[str, Facts]:
+        return {
+            s: Facts(self.follows.get((user, s)), self.purchases.get((user, s)))
+            for s in self.by_user.get(user, ())
+        }
 
     def is_fan(self, user: str, seller: str) -> bool:
-        w = self.best.get((user, Crowd(seller, CrowdKind.ALL_FANS)))
-        return w is not None and not w.tombstone and w.expires_ms > now_ms()
+        f = self.follows.get((user, seller))
+        return f is not None and not f.tombstone and f.expires_ms > now_ms()
 
 
 # --- what happened --------------------------------------------------------------------------
@@ -654,13 +668,17 @@ class Load:
             for user in chunk:
                 pipe.hgetall(self.layout.user_key(user))
             for user, raw in zip(chunk, await pipe.execute(), strict=True):
-                got = {self.layout.field_crowd(f): self.layout.decode(v) for f, v in raw.items()}
+                got: dict[str, Facts] = {}
+                for f, v in raw.items():
+                    kind, seller = self.layout.parse_field(f)
+                    assert kind == "facts", (user, f)
+                    got[str(seller)] = self.layout.decode_facts(v)
                 want = self.model.expected(user)
                 if got != want:
                     diff = {
-                        f"{c.seller_id}/{c.kind.name}": (want.get(c), got.get(c))
-                        for c in set(got) | set(want)
-                        if got.get(c) != want.get(c)
+                        s: (want.get(s), got.get(s))
+                        for s in set(got) | set(want)
+                        if got.get(s) != want.get(s)
                     }
                     out.append(f"{user}: (model, redis) {diff}")
         return out

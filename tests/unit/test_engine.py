@@ -18,7 +18,15 @@ from pricing_service.engine import (
 from pricing_service.errors import InvalidArgumentError
 
 NOW = 1_800_000_000_000
-SPECIFIC = {CrowdKind.ALL_FANS: 0, CrowdKind.OLD_FANS: 1, CrowdKind.PURCHASED_FANS: 2}
+#: the README's order of preference on equal prices: a seller's own crowd, then purchased_fans,
+#: old_fans, all_fans
+SPECIFIC = {
+    CrowdKind.ALL_FANS: 0,
+    CrowdKind.OLD_FANS: 1,
+    CrowdKind.PURCHASED_FANS: 2,
+    CrowdKind.SELLER_DEFINED: 3,
+}
+BUILTIN = [CrowdKind.ALL_FANS, CrowdKind.OLD_FANS, CrowdKind.PURCHASED_FANS]
 
 
 def rule(
@@ -30,8 +38,9 @@ def rule(
     start: int | None = None,
     end: int | None = None,
     currency: str = "CNY",
+    crowd_id: str = "",
 ) -> Rule:
-    return Rule(rid, seller, "item", kind, Money(currency, amount), start, end)
+    return Rule(rid, seller, "item", kind, Money(currency, amount), start, end, crowd_id=crowd_id)
 
 
 windows = st.sampled_from(
@@ -46,14 +55,16 @@ def rule_sets(draw: st.DrawFn) -> list[Rule]:
     out = []
     for i in range(n):
         start, end = draw(windows)
+        crowd_id = draw(st.sampled_from(["", "", "", "vip", "list-a"]))
         out.append(
             rule(
                 f"r{draw(st.integers(0, 9))}{i}",
-                draw(st.sampled_from(list(CrowdKind))),
+                CrowdKind.SELLER_DEFINED if crowd_id else draw(st.sampled_from(BUILTIN)),
                 draw(st.integers(1, 30)),
                 seller=draw(st.sampled_from(["42", "7"])),
                 start=start,
                 end=end,
+                crowd_id=crowd_id,
             )
         )
     return out
@@ -66,7 +77,7 @@ def reference(
     applicable = []
     for r in rules:
         active = (r.start_ms is None or r.start_ms <= NOW) and (r.end_ms is None or r.end_ms > NOW)
-        member = Crowd(r.seller_id, r.kind) in members
+        member = Crowd(r.seller_id, r.kind, r.crowd_id) in members
         below = list_price is None or r.price.amount_minor < list_price.amount_minor
         if active and member and below:
             applicable.append(r)
@@ -80,7 +91,10 @@ def reference(
     return best.price, best
 
 
-all_crowds = [Crowd(s, k) for s, k in itertools.product(["42", "7"], CrowdKind)]
+all_crowds = [Crowd(s, k) for s, k in itertools.product(["42", "7"], BUILTIN)] + [
+    Crowd(s, CrowdKind.SELLER_DEFINED, c)
+    for s, c in itertools.product(["42", "7"], ["vip", "list-a"])
+]
 
 
 @settings(max_examples=400)
@@ -109,7 +123,7 @@ def test_decision_equals_brute_force(
                 assert e.outcome is Outcome.NOT_STARTED
             elif r.end_ms is not None and r.end_ms <= NOW:
                 assert e.outcome is Outcome.ENDED
-            elif Crowd(r.seller_id, r.kind) not in members:
+            elif Crowd(r.seller_id, r.kind, r.crowd_id) not in members:
                 assert e.outcome is Outcome.NOT_A_MEMBER
             elif list_price is not None and r.price.amount_minor >= list_price.amount_minor:
                 assert e.outcome is Outcome.ABOVE_LIST_PRICE

@@ -1,69 +1,61 @@
-"""Derivation of membership records from facts, and the TTL configuration rules (no I/O)."""
+"""What each source of facts writes, and the TTL configuration rules (no I/O)."""
 
 from __future__ import annotations
 
 import pytest
 
 from pricing_service.config import load_settings
-from pricing_service.domain import Crowd, CrowdKind
 from pricing_service.errors import ConfigError
 from pricing_service.membership import derive
-from pricing_service.membership.derive import DAY_MS, MembershipWrite, Ttls
+from pricing_service.membership.derive import DAY_MS, FactWrite, ListWrite, Ttls
+from pricing_service.membership.layout import Facts, Follow, Purchases
 
 T = Ttls(membership_ms=1_000_000, tombstone_ms=2_000_000, old_fan_min_ms=30 * DAY_MS)
 NOW = 1_750_000_000_000
-ALL, OLD, PUR = CrowdKind.ALL_FANS, CrowdKind.OLD_FANS, CrowdKind.PURCHASED_FANS
 
 
-def test_follow_makes_an_all_fans_member() -> None:
+def test_follow_is_following_since_its_own_time() -> None:
     assert derive.follow("u", "42", NOW, T) == [
-        MembershipWrite("u", Crowd("42", ALL), False, NOW, NOW + T.membership_ms)
+        FactWrite("u", "42", Facts(Follow(NOW, False, NOW + T.membership_ms, NOW)))
     ]
 
 
-def test_unfollow_tombstones_all_three_crowds_of_the_seller() -> None:
-    writes = derive.unfollow("u", "42", NOW, T)
-    assert {w.crowd for w in writes} == {Crowd("42", k) for k in CrowdKind}
-    for w in writes:
-        assert w.tombstone and w.requires is None
-        assert (w.version_ms, w.expires_ms) == (NOW, NOW + T.tombstone_ms)
+def test_unfollow_is_a_tombstone_that_lives_the_tombstone_ttl() -> None:
+    assert derive.unfollow("u", "42", NOW, T) == [
+        FactWrite("u", "42", Facts(Follow(NOW, True, NOW + T.tombstone_ms)))
+    ]
 
 
-def test_purchase_is_purchased_fans_only_for_a_current_fan() -> None:
+def test_a_purchase_is_recorded_whatever_the_follow_state() -> None:
+    # no condition: the purchase fact alone (the defect of issue 14 was a conditional write)
     assert derive.purchase("u", "42", NOW, T) == [
-        MembershipWrite(
-            "u",
-            Crowd("42", PUR),
-            False,
-            NOW,
-            NOW + T.membership_ms,
-            requires=Crowd("42", ALL),
-        )
+        FactWrite("u", "42", Facts(None, Purchases(NOW + T.membership_ms, 1, NOW)))
     ]
 
 
-@pytest.mark.parametrize(
-    ("followed_before_cut_ms", "purchases", "kinds"),
-    [
-        (0, 0, {ALL}),
-        (30 * DAY_MS - 1, 0, {ALL}),  # one ms short of OLD_FAN_MIN_DAYS
-        (30 * DAY_MS, 0, {ALL, OLD}),  # exactly OLD_FAN_MIN_DAYS: old fan
-        (400 * DAY_MS, 0, {ALL, OLD}),
-        (0, 1, {ALL, PUR}),
-        (0, 7, {ALL, PUR}),
-        (30 * DAY_MS, 1, {ALL, OLD, PUR}),
-        (-5, 0, {ALL}),  # followed after the cut (clock skew in the export): not old
-    ],
-)
-def test_snapshot_row(followed_before_cut_ms: int, purchases: int, kinds: set[CrowdKind]) -> None:
+@pytest.mark.parametrize(("purchases", "last"), [(0, 0), (1, 0), (7, 0), (3, NOW - DAY_MS)])
+def test_snapshot_row_is_the_follow_and_the_purchases_as_of_the_cut(
+    purchases: int, last: int
+) -> None:
     cut = NOW
-    writes = derive.snapshot_row("u", "s", cut - followed_before_cut_ms, purchases, cut, T)
-    assert {w.crowd.kind for w in writes} == kinds
-    assert len(writes) == len(kinds)
-    for w in writes:
-        assert w.user_id == "u" and w.crowd.seller_id == "s"
-        assert not w.tombstone and w.requires is None  # the export already knows they follow
-        assert (w.version_ms, w.expires_ms) == (cut, cut + T.membership_ms)
+    followed = cut - 40 * DAY_MS
+    [w] = derive.snapshot_row("u", "s", followed, purchases, cut, T, last)
+    assert isinstance(w, FactWrite)
+    assert (w.user_id, w.seller_id) == ("u", "s")
+    assert w.facts.follow == Follow(cut, False, cut + T.membership_ms, followed)
+    if purchases:
+        assert w.facts.purchases == Purchases(cut + T.membership_ms, purchases, last)
+    else:
+        assert w.facts.purchases is None  # "no purchase" is not a fact: it never erases one
+
+
+def test_list_changes_add_forever_and_remove_for_the_tombstone_ttl() -> None:
+    assert derive.list_change("u", 7, NOW, removed=False, ttls=T) == ListWrite(
+        "u", 7, NOW, False, 0
+    )
+    assert derive.list_change("u", 7, NOW, removed=True, ttls=T) == ListWrite(
+        "u", 7, NOW, True, T.tombstone_ms // 1000
+    )
 
 
 def test_ttls_from_seconds() -> None:

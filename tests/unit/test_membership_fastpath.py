@@ -1,21 +1,18 @@
 """The snapshot fast path encodes exactly the writes of the reference path (no I/O).
 
-``SnapshotEncoder.add`` must produce, buyer by buyer and in order, the fields whose triples
-``(field, SnapshotEncoder.value, '')`` are the Lua ARGV that ``MembershipStore.apply`` sends for
-``derive.snapshot_row`` (via ``group_writes``): every snapshot write carries the one value and no
-condition, which is what ``apply_same_value`` relies on. And it must count the same writes as
-stale when the cut is outside the layout's time range.
+``SnapshotEncoder.add`` must produce, buyer by buyer and in order, the (field, value) pairs that
+``MembershipStore.apply`` sends for ``derive.snapshot_row`` (via ``group_writes``), and count the
+same writes as stale when the cut is outside the layout's time range.
 """
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pricing_service.membership import derive
 from pricing_service.membership.derive import DAY_MS, SnapshotEncoder, Ttls
-from pricing_service.membership.layout import EPOCH_MS, MAX_VERSION_MS, LayoutError
+from pricing_service.membership.layout import EPOCH_MS, MAX_VERSION_MS, MembershipLayout
 from pricing_service.membership.store import group_writes
 
 CUT = 1_760_000_000_000
@@ -32,83 +29,80 @@ ttls = st.builds(
     old_fan_min_ms=st.integers(0, 400).map(lambda d: d * DAY_MS),
 )
 cuts = st.one_of(
-    st.integers(EPOCH_MS + 1, EPOCH_MS + 40 * 365 * DAY_MS),
+    st.integers(EPOCH_MS + 1, EPOCH_MS + 29 * 365 * DAY_MS),
     st.sampled_from([EPOCH_MS - 1, EPOCH_MS, EPOCH_MS + 1, 0, MAX_VERSION_MS + 1]),
 )
 rows = st.lists(
-    st.tuples(ids, sellers, st.integers(-(10**4), 10**4), st.integers(0, 3)), max_size=40
+    st.tuples(
+        ids,
+        sellers,
+        st.integers(-(10**12), 10**9),  # followed at, relative to the cut (even before 1970)
+        st.sampled_from([0, 1, 2, 3, 65_535, 65_536, 10**9]),
+        st.sampled_from([0, 0, 1, 999, 1000, 10**8]),  # last purchase, before the cut
+    ),
+    max_size=40,
 )
 
 
-def as_triples(got: dict[str, list[str]], value: str | None) -> dict[str, list[str]]:
-    """The encoder's fields as the general write path's triples."""
-    assert value is not None or not got
-    return {u: [a for f in fields for a in (f, value or "", "")] for u, fields in got.items()}
-
-
 def reference(
-    rs: list[tuple[str, str, int, int]], cut: int, t: Ttls
-) -> tuple[dict[str, list[str]], int]:
-    by_user: dict[str, list[str]] = {}
-    writes = [w for u, s, f, n in rs for w in derive.snapshot_row(u, s, f, n, cut, t)]
+    rs: list[tuple[str, str, int, int, int]], cut: int, t: Ttls
+) -> tuple[dict[str, list[str | bytes]], int]:
+    by_user: dict[str, list[str | bytes]] = {}
+    writes = [
+        w
+        for u, s, f, n, last in rs
+        for w in derive.snapshot_row(u, s, f, n, cut, t, last if n else 0)
+    ]
     return by_user, group_writes(writes, by_user)
 
 
 @settings(max_examples=300, deadline=None)
-@given(rows, cuts, ttls, st.integers(0, 2))
+@given(rows, cuts, ttls)
 def test_encoder_equals_snapshot_row_then_group_writes(
-    rs: list[tuple[str, str, int, int]], cut: int, t: Ttls, day_shift: int
+    rs: list[tuple[str, str, int, int, int]], cut: int, t: Ttls
 ) -> None:
-    # followed_at near the old-fan boundary: minutes around cut - old_fan_min (and +day_shift)
-    rs = [(u, s, cut - t.old_fan_min_ms + f * 60_000 - day_shift * DAY_MS, n) for u, s, f, n in rs]
+    rs = [(u, s, cut + f, n, cut - last if last else 0) for u, s, f, n, last in rs]
     ref, ref_stale = reference(rs, cut, t)
     enc = SnapshotEncoder(cut, t)
-    got: dict[str, list[str]] = {}
-    for u, s, f, n in rs:
-        enc.add(got, u, s, f, n)
-    assert as_triples(got, enc.value) == ref
+    got: dict[str, list[str | bytes]] = {}
+    for u, s, f, n, last in rs:
+        enc.add(got, u, s, f, n, last if n else 0)
+    assert got == ref
     assert list(got) == list(ref)  # buyers in first-seen order
     assert enc.stale == ref_stale
 
 
-def test_exact_old_fan_boundary_and_purchase_threshold() -> None:
+def test_one_field_per_relation_and_the_follow_start_in_the_value() -> None:
     t = Ttls.from_seconds(3600, 7200, 30)
     enc = SnapshotEncoder(CUT, t)
-    got: dict[str, list[str]] = {}
-    enc.add(got, "a", "42", CUT - 30 * DAY_MS, 0)  # exactly 30 days: old fan
-    enc.add(got, "b", "42", CUT - 30 * DAY_MS + 1, 1)  # 1 ms short: not old; bought once
-    enc.add(got, "c", "42", CUT, 0)
-    assert as_triples(got, enc.value) == reference(
-        [("a", "42", CUT - 30 * DAY_MS, 0), ("b", "42", CUT - 30 * DAY_MS + 1, 1),
-         ("c", "42", CUT, 0)], CUT, t,
-    )[0]  # fmt: skip
-    assert [got[u] for u in "abc"] == [["169", "170"], ["169", "171"], ["169"]]
+    got: dict[str, list[str | bytes]] = {}
+    enc.add(got, "a", "42", CUT - 30 * DAY_MS, 0)
+    enc.add(got, "a", "shop", CUT - 1, 2)
+    assert got["a"][0] == "168" and got["a"][2] == "fshop"  # seller * 4; f<seller>
+    lay = MembershipLayout
+    a, b = lay.decode_facts(got["a"][1]), lay.decode_facts(got["a"][3])  # type: ignore[arg-type]
+    assert a.follow is not None and a.follow.since_ms == CUT - 30 * DAY_MS
+    assert a.purchases is None
+    assert b.follow is not None and b.follow.since_ms == CUT  # rounded up to the second
+    assert b.purchases is not None and (b.purchases.count, b.purchases.last_ms) == (2, 0)
 
 
 def test_lists_are_not_shared_between_buyers() -> None:
     enc = SnapshotEncoder(CUT, Ttls.from_seconds(3600, 7200, 30))
-    got: dict[str, list[str]] = {}
+    got: dict[str, list[str | bytes]] = {}
     enc.add(got, "a", "42", CUT, 0)
     enc.add(got, "b", "42", CUT, 0)
     enc.add(got, "a", "43", CUT, 1)
-    assert len(got["a"]) == 3 and len(got["b"]) == 1
+    assert len(got["a"]) == 4 and len(got["b"]) == 2
     enc.add(got, "c", "42", CUT, 0)
     assert got["c"] == got["b"] and got["c"] is not got["b"]
 
 
 def test_a_cut_before_the_epoch_writes_nothing_and_counts_every_write_stale() -> None:
     enc = SnapshotEncoder(EPOCH_MS, Ttls.from_seconds(3600, 7200, 30))
-    got: dict[str, list[str]] = {}
-    enc.add(got, "a", "42", EPOCH_MS - 31 * DAY_MS, 2)  # all three crowds
+    got: dict[str, list[str | bytes]] = {}
+    enc.add(got, "a", "42", EPOCH_MS - 31 * DAY_MS, 2)
     enc.add(got, "b", "42", EPOCH_MS, 0)
     assert got == {}
-    assert enc.stale == 4
-
-
-def test_an_unencodable_ttl_fails_on_the_first_write_like_the_store() -> None:
-    t = Ttls(membership_ms=10**13, tombstone_ms=10**13, old_fan_min_ms=0)
-    enc = SnapshotEncoder(CUT, t)  # constructing is fine (a snapshot may have no valid row)
-    with pytest.raises(LayoutError):
-        enc.add({}, "a", "42", CUT, 0)
-    with pytest.raises(LayoutError):
-        group_writes(derive.snapshot_row("a", "42", CUT, 0, CUT, t), {})
+    assert enc.stale == 2
+    assert not enc.valid

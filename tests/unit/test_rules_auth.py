@@ -72,4 +72,4 @@ def test_declared_actor_is_recorded_with_the_token_fingerprint() -> None:
 def test_settings_split_rotated_tokens() -> None:
     s = load_settings(admin_token=" old-secret , new-secret,, ")
     assert s.admin_tokens() == TOKENS
-    assert load_settings().max_rules_per_item == 3
+    assert load_settings().max_rules_per_item == 8

@@ -53,7 +53,7 @@ def test_a_good_rule_becomes_the_domain_rule() -> None:
         ({"seller_id": 42}, "rule.seller_id", "WRONG_TYPE"),
         ({"crowd": 0}, "rule.crowd", "CROWD_KIND_UNSPECIFIED"),
         ({"crowd": "CROWD_KIND_UNSPECIFIED"}, "rule.crowd", "CROWD_KIND_UNSPECIFIED"),
-        ({"crowd": 4}, "rule.crowd", "INVALID_CROWD"),
+        ({"crowd": 5}, "rule.crowd", "INVALID_CROWD"),
         ({"crowd": True}, "rule.crowd", "INVALID_CROWD"),
         ({"crowd": "vips"}, "rule.crowd", "INVALID_CROWD"),
         ({"price": {"currency_code": "CNY", "amount_minor": 0}}, "rule.price.amount_minor", "ZERO_PRICE"),

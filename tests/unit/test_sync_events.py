@@ -7,10 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pricing.v1 import events_pb2
-from pricing_service.domain import Crowd, CrowdKind
 from pricing_service.errors import InvalidArgumentError
-from pricing_service.membership.derive import Ttls
-from pricing_service.membership.layout import EPOCH_MS
+from pricing_service.membership.derive import FactWrite, Ttls
+from pricing_service.membership.layout import EPOCH_MS, Facts, Follow, Purchases
 from sync_worker.common import TimeFormatError, format_rfc3339_ms, id_problem, parse_rfc3339_ms
 from sync_worker.events import (
     CLOCK_SKEW_MS,
@@ -43,7 +42,7 @@ def reason_of(fields: dict[bytes, bytes]) -> str:
     return exc.value.reason
 
 
-def test_follow_event_decodes_to_all_fans_write() -> None:
+def test_follow_event_decodes_to_a_follow_fact() -> None:
     ev = decode_entry(
         entry(make_event("follow", "u1", "42", NOW - 5, event_id="e1")),
         now_ms=NOW,
@@ -58,19 +57,19 @@ def test_follow_event_decodes_to_all_fans_write() -> None:
     )
     assert not ev.expired
     [w] = ev.writes(TTLS)
-    assert w.crowd == Crowd("42", CrowdKind.ALL_FANS)
-    assert (w.tombstone, w.version_ms, w.expires_ms) == (False, NOW - 5, NOW - 5 + 3_600_000)
+    assert isinstance(w, FactWrite) and (w.user_id, w.seller_id) == ("u1", "42")
+    assert w.facts == Facts(Follow(NOW - 5, False, NOW - 5 + 3_600_000, NOW - 5))
 
 
-def test_unfollow_tombstones_every_crowd_and_purchase_requires_a_fan() -> None:
+def test_unfollow_is_a_tombstone_and_a_purchase_needs_no_follow() -> None:
     ev = decode_entry(entry(make_event(UNFOLLOW, "u1", "42", NOW)), now_ms=NOW, max_id_length=16)
-    ws = ev.writes(TTLS)
-    assert {w.crowd.kind for w in ws} == set(CrowdKind)
-    assert all(w.tombstone and w.expires_ms == NOW + 7_200_000 for w in ws)
+    [w] = ev.writes(TTLS)
+    assert isinstance(w, FactWrite)
+    assert w.facts == Facts(Follow(NOW, True, NOW + 7_200_000))
     ev = decode_entry(entry(make_event(PURCHASE, "u1", "42", NOW)), now_ms=NOW, max_id_length=16)
     [w] = ev.writes(TTLS)
-    assert w.crowd.kind == CrowdKind.PURCHASED_FANS
-    assert w.requires == Crowd("42", CrowdKind.ALL_FANS)
+    assert isinstance(w, FactWrite)
+    assert w.facts == Facts(None, Purchases(NOW + 3_600_000, 1, NOW))
 
 
 def test_poison_reasons() -> None:

@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from pricing_service.domain import CrowdKind
 from pricing_service.errors import InvalidArgumentError
-from pricing_service.membership.derive import DAY_MS, MembershipWrite, Ttls
+from pricing_service.membership.derive import DAY_MS, FactWrite, MembershipWrite, Ttls
+from pricing_service.membership.layout import Facts, Follow, Purchases
 from sync_worker.snapshot import LoadReport, PartProgress, Progress, RowParser, SnapshotLoader
 
 CUT = 1_760_000_000_000
@@ -19,30 +19,40 @@ TTLS = Ttls.from_seconds(3600, 7200, 30)
 def parse(*row: str | int | None) -> tuple[list[MembershipWrite], collections.Counter[str]]:
     p = RowParser(CUT, TTLS, 8)
     out: list[MembershipWrite] = []
-    p.row(row[0], row[1], row[2], row[3], "part.csv", 1, out)  # type: ignore[arg-type]
+    last = row[4] if len(row) > 4 else None
+    p.row(row[0], row[1], row[2], row[3], "part.csv", 1, out, last)  # type: ignore[arg-type]
     return out, p.rejected
 
 
-def test_new_fan_without_purchase_is_all_fans_only() -> None:
+def test_a_row_is_the_follow_since_followed_at_as_of_the_cut() -> None:
     out, rejected = parse("u1", "42", "2025-10-01T00:00:00Z", "0")
     assert not rejected
-    assert [w.crowd.kind for w in out] == [CrowdKind.ALL_FANS]
-    w = out[0]
-    assert (w.user_id, w.version_ms, w.expires_ms, w.tombstone) == (
-        "u1",
-        CUT,
-        CUT + 3_600_000,
-        False,
-    )
+    [w] = out
+    assert isinstance(w, FactWrite) and (w.user_id, w.seller_id) == ("u1", "42")
+    assert w.facts == Facts(Follow(CUT, False, CUT + 3_600_000, 1_759_276_800_000))
 
 
-def test_old_fan_with_purchases_is_in_all_three_crowds() -> None:
+def test_purchases_are_the_count_as_of_the_cut_and_the_last_time_when_known() -> None:
     followed = CUT - 30 * DAY_MS
-    out, rejected = parse("u1", "42", followed, 3)
-    assert not rejected
-    assert [w.crowd.kind for w in out] == list(CrowdKind)
-    out, _ = parse("u1", "42", followed + 1, "1")
-    assert [w.crowd.kind for w in out] == [CrowdKind.ALL_FANS, CrowdKind.PURCHASED_FANS]
+    [w], rejected = parse("u1", "42", followed, 3)
+    assert not rejected and isinstance(w, FactWrite)
+    assert w.facts.purchases == Purchases(CUT + 3_600_000, 3, 0)
+    [w], _ = parse("u1", "42", followed, "2", "2025-10-08T00:00:00Z")
+    assert isinstance(w, FactWrite)
+    assert w.facts.purchases == Purchases(CUT + 3_600_000, 2, 1_759_881_600_000)
+
+
+@pytest.mark.parametrize(
+    ("last", "count", "reason"),
+    [
+        ("yesterday", "1", "BAD_LAST_PURCHASE_AT"),
+        ("2030-01-01T00:00:00Z", "1", "LAST_PURCHASE_AFTER_CUT"),
+        ("2025-10-08T00:00:00Z", "0", "LAST_PURCHASE_WITHOUT_COUNT"),
+    ],
+)
+def test_bad_last_purchase_times_are_rejected(last: str, count: str, reason: str) -> None:
+    out, rejected = parse("u1", "42", "2025-10-01T00:00:00Z", count, last)
+    assert out == [] and rejected == {reason: 1}
 
 
 @pytest.mark.parametrize(
