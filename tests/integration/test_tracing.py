@@ -197,8 +197,9 @@ async def test_a_callers_traceparent_continues_its_trace_to_the_membership_read(
     assert child_of(hmget, rpc)
     assert hmget.kind == SpanKind.CLIENT
     assert hmget.attributes is not None
-    # all_fans and old_fans of seller 42: two fields, in one round trip
-    assert hmget.attributes["pricing.redis.fields"] == 2
+    # all_fans and old_fans of seller 42: the seller's fact field, and its three fields of the
+    # earlier layout (read until `sync-worker migrate-membership` ran), in one round trip
+    assert hmget.attributes["pricing.redis.fields"] == 4
     assert hmget.attributes["db.system.name"] == "redis"
     assert hmget.attributes["db.operation.name"] == "HMGET"
     assert hmget.attributes["server.port"] == int(
@@ -445,7 +446,7 @@ async def test_the_page_read_on_a_redis_cluster_has_its_span(
         hmget = only(finished, "HMGET")
         assert child_of(hmget, rpc) and rpc.context.trace_id == CALLER_TRACE
         assert hmget.attributes is not None
-        assert hmget.attributes["pricing.redis.fields"] == 2
+        assert hmget.attributes["pricing.redis.fields"] == 4  # fact field + 3 legacy fields
         assert hmget.attributes["db.system.name"] == "redis"
         assert "server.address" not in hmget.attributes  # a cluster: the node is redis-py's choice
 
@@ -525,7 +526,7 @@ def test_a_served_process_exports_over_otlp_http(
     assert hmget.trace_id == caller and hmget.parent_span_id == rpc.span_id
     assert rpc.attributes["pricing.request_id"] == "otlp-1"
     assert rpc.attributes["rpc.grpc.status_code"] == 0
-    assert hmget.attributes["pricing.redis.fields"] == 1
+    assert hmget.attributes["pricing.redis.fields"] == 4  # fact field + 3 legacy fields
     assert rpc.resource["service.name"] == "pricing-under-test"
     assert rpc.resource["deployment.environment.name"] == "test"
     assert rpc.resource["process.pid"] == proc.proc.pid
