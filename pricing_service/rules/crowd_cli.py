@@ -20,8 +20,8 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import make_redis
 from pricing_service.rules.crowd_members import member_changes, update_members
-from pricing_service.rules.crowd_store import CrowdChange
-from pricing_service.rules.store import open_rule_store
+from pricing_service.rules.factory import open_rule_store
+from pricing_service.rules.store import CrowdChange
 from pricing_service.rules.validation import CrowdIn, validate
 
 

@@ -25,8 +25,7 @@ from pricing_service.errors import InvalidArgumentError, UnauthenticatedError, U
 from pricing_service.membership.derive import Ttls
 from pricing_service.membership.store import MembershipStore
 from pricing_service.rules.crowd_members import member_changes, update_members
-from pricing_service.rules.crowd_store import CrowdChange
-from pricing_service.rules.store import RuleChange, RuleStore
+from pricing_service.rules.store import CrowdChange, RuleChange, RuleStore
 from pricing_service.rules.validation import BatchIn, CrowdIn, RuleIn, validate
 from pricing_service.servicers.convert import (
     money_to_proto,
