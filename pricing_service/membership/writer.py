@@ -231,12 +231,15 @@ class MembershipWriter:
         user_key = self.layout.user_key
         bulk = self._bulk
         resp = self._resp
+        heads: dict[int, bytes] = {}  # by the buyer's argument count: *N EVALSHA sha 1
         chunks: list[bytes] = []
         add = chunks.append
         for user in users:
             args = by_user[user]
-            add(encode_array(len(args) + fixed))
-            add(head)
+            h = heads.get(len(args))
+            if h is None:
+                h = heads[len(args)] = encode_array(len(args) + fixed) + head
+            add(h)
             add(encode_bulk(user_key(user)))
             add(now_b)
             for a in args:
