@@ -35,8 +35,8 @@ from bench.rules import DEFAULT_PG, percentile, rule, store_location
 from pricing_service.config import load_settings
 from pricing_service.domain import SystemClock
 from pricing_service.logging import configure_logging
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from pricing_service.rules.store import open_rule_store
 
 PAGE = 20
 

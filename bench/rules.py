@@ -35,8 +35,9 @@ from urllib.parse import quote
 from pricing_service.config import load_settings
 from pricing_service.domain import CrowdKind, Money, Rule, SystemClock
 from pricing_service.logging import configure_logging
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from pricing_service.rules.store import RuleChange, open_rule_store
+from pricing_service.rules.store import RuleChange
 
 DEFAULT_PG = os.environ.get("PRICING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TARGET_P99_MS = 1000.0

@@ -69,7 +69,7 @@ async def load_data(settings: Any, cat: Catalog, seed: int = 7, crowds: str = "b
     from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
     from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
     from pricing_service.redis_client import make_redis  # noqa: PLC0415
-    from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
+    from pricing_service.rules.factory import open_rule_store  # noqa: PLC0415
     from sync_worker.lists import migrate_membership  # noqa: PLC0415
 
     rnd = random.Random(seed)
@@ -154,7 +154,7 @@ async def expected_answer(
     from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
     from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
     from pricing_service.redis_client import make_redis  # noqa: PLC0415
-    from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
+    from pricing_service.rules.factory import open_rule_store  # noqa: PLC0415
 
     clock = SystemClock()
     now = clock.now_ms()
@@ -189,7 +189,7 @@ async def page_fields(settings: Any, items: list[tuple[str, int]]) -> tuple[str,
     from pricing_service.membership.layout import MembershipLayout  # noqa: PLC0415
     from pricing_service.membership.store import MembershipStore  # noqa: PLC0415
     from pricing_service.redis_client import make_redis  # noqa: PLC0415
-    from pricing_service.rules.store import open_rule_store  # noqa: PLC0415
+    from pricing_service.rules.factory import open_rule_store  # noqa: PLC0415
 
     store = await open_rule_store(settings)
     try:

@@ -30,7 +30,7 @@ from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, prici
 from pricing_service.config import Settings
 from pricing_service.domain import CrowdKind, Money, Rule
 from pricing_service.errors import InvalidArgumentError
-from pricing_service.rules.validation import decimal_to_minor, rule_from_human
+from pricing_service.rules.human_input import decimal_to_minor, rule_from_human
 
 #: What ``health`` checks: the overall status and each service's.
 HEALTH_SERVICES = (

@@ -21,6 +21,7 @@ statuses; anything else raised by a servicer becomes INTERNAL with a generic mes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import grpc
 
@@ -56,22 +57,22 @@ class PricingError(Exception):
         self.violations = list(violations or [])
         self.metadata = dict(metadata or {})
 
-
-class InvalidArgumentError(PricingError):
-    """The request itself is wrong; retrying it unchanged will fail again."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
-
     @classmethod
-    def field(cls, field: str, description: str, reason: str) -> InvalidArgumentError:
-        """A single-field refusal: ``field`` is the request path (``items[3].item_id``)."""
+    def field(cls, field: str, description: str, reason: str) -> Self:
+        """A refusal about one field: ``field`` is the request path (``items[3].item_id``)."""
         return cls(
             f"{field}: {description}",
             reason=reason,
             violations=[FieldViolation(field, description, reason)],
             metadata={"field": field},
         )
+
+
+class InvalidArgumentError(PricingError):
+    """The request itself is wrong; retrying it unchanged will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
 
 
 class FailedPreconditionError(PricingError):

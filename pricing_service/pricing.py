@@ -27,7 +27,7 @@ from pricing_service.engine import (
     preference,
 )
 from pricing_service.errors import DeadlineExceededError, PricingError, UnavailableError
-from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.reader import MembershipReader
 from pricing_service.metrics import Metrics
 from pricing_service.tracing import Tracing, mark_degraded, redis_command, rule_store_read
 
@@ -109,7 +109,7 @@ class PricingCore:
         self,
         index: RuleSource,
         rules: StrictRuleSource,
-        membership: MembershipStore,
+        membership: MembershipReader,
         clock: Clock,
         metrics: Metrics,
         *,

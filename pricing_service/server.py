@@ -38,8 +38,8 @@ from pricing_service.ratelimit import RateLimiter
 from pricing_service.redis_client import is_cluster, make_redis
 from pricing_service.redis_pipe import ClientReader, PipelinedReader
 from pricing_service.rules.crowd_index import CrowdIndex
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from pricing_service.rules.store import open_rule_store
 from pricing_service.runtime import MethodTable, RuntimeServer, ServerParts, select_runtime
 from pricing_service.servicers.admin import DiscountAdminServicer
 from pricing_service.servicers.pricing import PricingServicer

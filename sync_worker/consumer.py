@@ -74,10 +74,10 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import (
     TRANSIENT_ERRORS,
-    ReplicaAcks,
     make_redis,
     socket_timeout_s,
 )
+from pricing_service.replica_acks import ReplicaAcks
 from sync_worker.events import DecodedEvent, PoisonEntry, decode_entry
 
 log = structlog.get_logger("sync_worker.consumer")

@@ -40,7 +40,8 @@ from pricing_service.config import Settings
 from pricing_service.domain import Clock, SystemClock
 from pricing_service.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
 from pricing_service.membership.layout import LAYOUT_VERSION, MembershipLayout
-from pricing_service.membership.store import ApplyResult, MembershipStore
+from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.writer import ApplyResult
 from sync_worker.common import format_rfc3339_ms, id_problem
 from sync_worker.snapshot import CLOCK_SKEW_MS, retrying
 

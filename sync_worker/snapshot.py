@@ -61,7 +61,8 @@ from pricing_service.domain import Clock, SystemClock
 from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from pricing_service.membership.derive import MembershipWrite, SnapshotEncoder, Ttls, snapshot_row
 from pricing_service.membership.layout import MembershipLayout
-from pricing_service.membership.store import ApplyResult, MembershipStore, group_writes
+from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.writer import ApplyResult, group_writes
 from sync_worker.common import TimeFormatError, format_rfc3339_ms, id_problem, parse_rfc3339_ms
 
 log = structlog.get_logger("sync_worker.snapshot")

@@ -29,8 +29,8 @@ from pricing_service.config import Settings
 from pricing_service.currency import MINOR_UNITS
 from pricing_service.domain import Rule
 from pricing_service.errors import FieldViolation, InvalidArgumentError, PricingError
-from pricing_service.rules.store import open_rule_store
-from pricing_service.rules.validation import rule_from_human
+from pricing_service.rules.factory import open_rule_store
+from pricing_service.rules.human_input import rule_from_human
 
 MAX_IMPORT_ROWS = 100_000
 MAX_REPORTED_ERRORS = 20

@@ -17,11 +17,11 @@ from pricing_service.config import Settings
 from pricing_service.crowds import CrowdDef
 from pricing_service.membership.derive import Ttls
 from pricing_service.membership.layout import MembershipLayout
-from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.writer import MembershipWriter
 from pricing_service.redis_client import make_redis
 from pricing_service.rules.crowd_members import member_changes, update_members
-from pricing_service.rules.crowd_store import CrowdChange
-from pricing_service.rules.store import open_rule_store
+from pricing_service.rules.factory import open_rule_store
+from pricing_service.rules.store import CrowdChange
 from pricing_service.rules.validation import CrowdIn, validate
 
 
@@ -58,10 +58,10 @@ def change_json(c: CrowdChange) -> dict[str, Any]:
     return out
 
 
-def _membership(settings: Settings) -> MembershipStore:
+def _membership(settings: Settings) -> MembershipWriter:
     from pricing_service.domain import SystemClock  # noqa: PLC0415
 
-    return MembershipStore(
+    return MembershipWriter(
         make_redis(settings),
         MembershipLayout(settings.redis_namespace),
         SystemClock(),

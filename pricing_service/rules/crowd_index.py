@@ -29,7 +29,7 @@ import structlog
 
 from pricing_service.crowds import CrowdDef
 from pricing_service.domain import CrowdKey
-from pricing_service.rules.crowd_store import CREATE, DELETE, CrowdChange
+from pricing_service.rules.store import CREATE, DELETE, CrowdChange
 
 log = structlog.get_logger("pricing_service.rules.crowd_index")
 

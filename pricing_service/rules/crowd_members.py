@@ -22,7 +22,7 @@ from pricing_service.errors import (
     UnavailableError,
 )
 from pricing_service.membership.derive import Ttls, list_change
-from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.writer import MembershipWriter
 from pricing_service.servicers.convert import require_id
 
 #: Violations listed in one refusal, at most.
@@ -95,7 +95,7 @@ def member_changes(
 
 async def update_members(
     records: CrowdRecords,
-    membership: MembershipStore,
+    membership: MembershipWriter,
     ttls: Ttls,
     seller_id: str,
     crowd_id: str,

@@ -1,6 +1,9 @@
 """Seller-defined crowds in the rule store: definitions, list handles, change feed, audit trail.
 
-Mixed into :class:`~pricing_service.rules.store.SqlRuleStore`, so both backends share it.
+The crowd half of the SQL implementation, on :class:`~pricing_service.rules.sql.SqlBase`;
+:class:`~pricing_service.rules.sql_store.SqlRuleStore` adds the rule half, so both backends
+share it.
+
 Crowd writes lock the store's revision row first, like rule writes: a rule that names a crowd
 and the deletion of that crowd are serialised, so a crowd is never deleted while a rule targets
 it. Crowds have their own revision counter (``crowd_meta``) and change feed
@@ -11,28 +14,18 @@ under a deleted crowd's id never sees the old crowd's list.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Final
+from dataclasses import replace
+from typing import Final
 
 from pricing_service.crowds import CrowdDef, Predicate
-from pricing_service.domain import Clock, CrowdKey, CrowdKind, Rule
 from pricing_service.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
-    InvalidArgumentError,
     NotFoundError,
-    PricingError,
 )
-
-if TYPE_CHECKING:
-    from pricing_service.rules.store import Row, Tx
-
-CREATE: Final = "CREATE"
-DELETE: Final = "DELETE"
-MEMBERS: Final = "MEMBERS"
+from pricing_service.rules.sql import Row, SqlBase, Tx
+from pricing_service.rules.store import CREATE, DELETE, MEMBERS, CrowdChange
+from pricing_service.rules.tokens import decode_token, encode_token, malformed_token
 
 CROWD_COLUMNS: Final = (
     "seller_id, crowd_id, display_name, form, min_follow_days, max_follow_days, min_purchases,"
@@ -43,20 +36,6 @@ CROWD_CHANGE_COLUMNS: Final = (
     " max_follow_days, min_purchases, purchased_within_days, list_handle, crowd_revision,"
     " create_ms, update_ms, added, removed, actor, change_ms"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class CrowdChange:
-    """One entry of the crowds' change feed / audit trail. ``MEMBERS``: a batch of list
-    changes through the API (``added``, ``removed`` buyers)."""
-
-    revision: int
-    action: str
-    crowd: CrowdDef
-    actor: str
-    change_ms: int
-    added: int = 0
-    removed: int = 0
 
 
 def crowd_from_row(r: Row) -> CrowdDef:
@@ -110,26 +89,14 @@ def change_from_row(r: Row) -> CrowdChange:
     )
 
 
-def _crowd_refusal(cls: type[PricingError], field: str, description: str, reason: str) -> Exception:
-    from pricing_service.rules.store import refusal  # noqa: PLC0415 - store imports this module
+def _no_crowd(seller_id: str, crowd_id: str) -> NotFoundError:
+    return NotFoundError.field(
+        "crowd_id", f"seller {seller_id!r} has no crowd {crowd_id!r}", "CROWD_NOT_FOUND"
+    )
 
-    return refusal(cls, field, description, reason)
 
-
-class CrowdStore(ABC):
+class CrowdStore(SqlBase):
     """The crowd half of the SQL rule store (see the module docstring)."""
-
-    clock: Clock
-    max_crowds_per_seller: int
-
-    @abstractmethod
-    def _write(self) -> AbstractAsyncContextManager[Tx]: ...
-
-    @abstractmethod
-    async def _read_all(self, *queries: tuple[str, Sequence[object]]) -> list[list[Row]]: ...
-
-    @abstractmethod
-    async def _lock_revision(self, tx: Tx) -> int: ...
 
     # --- writes ---------------------------------------------------------------------------
     async def _next_crowd_revision(self, tx: Tx) -> tuple[int, int]:
@@ -176,8 +143,7 @@ class CrowdStore(ABC):
                 "SELECT 1 FROM crowds WHERE seller_id = ? AND crowd_id = ?",
                 (crowd.seller_id, crowd.crowd_id),
             ):
-                raise _crowd_refusal(
-                    AlreadyExistsError,
+                raise AlreadyExistsError.field(
                     "crowd.crowd_id",
                     f"seller {crowd.seller_id!r} already has a crowd {crowd.crowd_id!r}",
                     "CROWD_EXISTS",
@@ -187,8 +153,7 @@ class CrowdStore(ABC):
             )
             count = int(row[0]) if row else 0
             if count >= self.max_crowds_per_seller:
-                raise _crowd_refusal(
-                    FailedPreconditionError,
+                raise FailedPreconditionError.field(
                     "crowd.seller_id",
                     f"seller {crowd.seller_id!r} has {count} crowds, the limit is "
                     f"{self.max_crowds_per_seller}",
@@ -226,12 +191,7 @@ class CrowdStore(ABC):
             (seller_id, crowd_id),
         )
         if row is None:
-            raise _crowd_refusal(
-                NotFoundError,
-                "crowd_id",
-                f"seller {seller_id!r} has no crowd {crowd_id!r}",
-                "CROWD_NOT_FOUND",
-            )
+            raise _no_crowd(seller_id, crowd_id)
         return crowd_from_row(row)
 
     async def delete_crowd(self, seller_id: str, crowd_id: str, actor: str) -> int:
@@ -244,8 +204,7 @@ class CrowdStore(ABC):
                 (seller_id, crowd_id),
             )
             if users:
-                raise _crowd_refusal(
-                    FailedPreconditionError,
+                raise FailedPreconditionError.field(
                     "crowd_id",
                     f"rules target {crowd.name} (e.g. {', '.join(r[0] for r in users)}); delete "
                     "them first",
@@ -276,28 +235,19 @@ class CrowdStore(ABC):
             )
         )
         if not rows:
-            raise _crowd_refusal(
-                NotFoundError,
-                "crowd_id",
-                f"seller {seller_id!r} has no crowd {crowd_id!r}",
-                "CROWD_NOT_FOUND",
-            )
+            raise _no_crowd(seller_id, crowd_id)
         return crowd_from_row(rows[0])
 
     async def list_crowds(
         self, seller_id: str, page_size: int, page_token: str
     ) -> tuple[list[CrowdDef], str]:
         """A seller's crowds by id; keyset pages."""
-        from pricing_service.rules.store import decode_token, encode_token  # noqa: PLC0415
-
         where = "seller_id = ?"
         params: list[object] = [seller_id]
         if page_token:
             pos = decode_token(page_token, "crowds", seller_id)
             if len(pos) != 1 or not isinstance(pos[0], str):
-                raise _crowd_refusal(
-                    InvalidArgumentError, "page_token", "is malformed", "INVALID_PAGE_TOKEN"
-                )
+                raise malformed_token()
             where += " AND crowd_id > ?"
             params.append(pos[0])
         params.append(page_size + 1)
@@ -317,44 +267,21 @@ class CrowdStore(ABC):
         self, seller_id: str, page_size: int, page_token: str
     ) -> tuple[list[CrowdChange], str]:
         """A seller's crowd changes, newest first."""
-        from pricing_service.rules.store import decode_token, encode_token  # noqa: PLC0415
-
-        where = "seller_id = ?"
-        params: list[object] = [seller_id]
-        if page_token:
-            pos = decode_token(page_token, "crowd-history", seller_id)
-            if len(pos) != 1 or not isinstance(pos[0], int):
-                raise _crowd_refusal(
-                    InvalidArgumentError, "page_token", "is malformed", "INVALID_PAGE_TOKEN"
-                )
-            where += " AND revision < ?"
-            params.append(pos[0])
-        params.append(page_size + 1)
-        [rows] = await self._read_all(
-            (
-                f"SELECT {CROWD_CHANGE_COLUMNS} FROM crowd_changes WHERE {where}"
-                " ORDER BY revision DESC LIMIT ?",
-                params,
-            )
+        rows, token = await self._history(
+            "crowd_changes",
+            CROWD_CHANGE_COLUMNS,
+            [("seller_id", seller_id)],
+            page_size,
+            page_token,
+            ("crowd-history", seller_id),
         )
-        changes = [change_from_row(r) for r in rows[:page_size]]
-        token = ""
-        if len(rows) > page_size:
-            token = encode_token([changes[-1].revision], "crowd-history", seller_id)
-        return changes, token
+        return [change_from_row(r) for r in rows], token
 
     async def crowd_revision(self) -> int:
-        [rows] = await self._read_all(("SELECT revision FROM crowd_meta WHERE id = 1", ()))
-        return int(rows[0][0]) if rows else 0
+        return await self._revision("crowd_meta")
 
     async def crowd_changes_since(self, revision: int, limit: int) -> list[CrowdChange]:
-        [rows] = await self._read_all(
-            (
-                f"SELECT {CROWD_CHANGE_COLUMNS} FROM crowd_changes WHERE revision > ?"
-                " ORDER BY revision LIMIT ?",
-                (revision, limit),
-            )
-        )
+        rows = await self._feed("crowd_changes", CROWD_CHANGE_COLUMNS, revision, limit)
         return [change_from_row(r) for r in rows]
 
     async def load_crowds(self) -> tuple[list[CrowdDef], int]:
@@ -364,29 +291,3 @@ class CrowdStore(ABC):
             (f"SELECT {CROWD_COLUMNS} FROM crowds ORDER BY seller_id, crowd_id", ()),
         )
         return [crowd_from_row(r) for r in rows], int(rev[0][0]) if rev else 0
-
-    async def rules_with_crowds(
-        self, item_id: str
-    ) -> tuple[list[Rule], dict[CrowdKey, CrowdDef], int]:
-        """An item's rules, the definitions of the seller crowds they target and the rule
-        revision, all from one snapshot (CheckDiscountStrict)."""
-        from pricing_service.rules.store import RULE_COLUMNS, rule_from_row  # noqa: PLC0415
-
-        rev, rows, crowd_rows = await self._read_all(
-            ("SELECT revision FROM rule_meta WHERE id = 1", ()),
-            (
-                f"SELECT {RULE_COLUMNS} FROM rules WHERE item_id = ? ORDER BY crowd_kind, crowd_id",
-                (item_id,),
-            ),
-            (
-                f"SELECT {CROWD_COLUMNS} FROM crowds WHERE (seller_id, crowd_id) IN"
-                " (SELECT seller_id, crowd_id FROM rules WHERE item_id = ? AND crowd_kind = ?)",
-                (item_id, int(CrowdKind.SELLER_DEFINED)),
-            ),
-        )
-        crowds = {(c.seller_id, c.crowd_id): c for c in map(crowd_from_row, crowd_rows)}
-        return (
-            [rule_from_row(r) for r in rows],
-            crowds,  # type: ignore[return-value]  # (seller, crowd_id) keys are CrowdKeys
-            int(rev[0][0]) if rev else 0,
-        )

@@ -5,7 +5,7 @@ transaction is explicit:
 
 * writes: ``BEGIN`` (READ COMMITTED) then ``SELECT ... FROM rule_meta ... FOR UPDATE``: the
   revision row lock serialises writers of all replicas, so revisions are committed in order
-  and the change feed never skips one (see :mod:`pricing_service.rules.store`);
+  and the change feed never skips one (see :mod:`pricing_service.rules.sql`);
 * reads: ``BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY``: one snapshot, so e.g.
   ``load_all`` returns rules and the revision they reflect, consistently;
 * migrations: a transaction holding ``pg_advisory_xact_lock`` (PostgreSQL DDL is
@@ -27,7 +27,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pricing_service.config import Settings
 from pricing_service.domain import Clock
 from pricing_service.errors import UnavailableError
-from pricing_service.rules.store import Row, SqlRuleStore, Tx
+from pricing_service.rules.sql import Row, Tx
+from pricing_service.rules.sql_store import SqlRuleStore
 
 MIGRATION_LOCK_SQL = (
     "SELECT pg_advisory_xact_lock(hashtext('pricing-rules-migrate:' || current_schema()))"

@@ -25,7 +25,8 @@ from typing import TypeVar
 from pricing_service.config import Settings
 from pricing_service.domain import Clock
 from pricing_service.errors import ConfigError, UnavailableError
-from pricing_service.rules.store import Row, SqlRuleStore, Tx
+from pricing_service.rules.sql import Row, Tx
+from pricing_service.rules.sql_store import SqlRuleStore
 
 T = TypeVar("T")
 #: Reader connections (each on a thread of its own), at most; PRICING_RULE_STORE_POOL_SIZE caps it.

@@ -23,10 +23,9 @@ from pricing_service.crowds import CrowdDef
 from pricing_service.domain import Clock, Rule
 from pricing_service.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
 from pricing_service.membership.derive import Ttls
-from pricing_service.membership.store import MembershipStore
+from pricing_service.membership.writer import MembershipWriter
 from pricing_service.rules.crowd_members import member_changes, update_members
-from pricing_service.rules.crowd_store import CrowdChange
-from pricing_service.rules.store import RuleChange, RuleStore
+from pricing_service.rules.store import CrowdChange, RuleChange, RuleStore
 from pricing_service.rules.validation import BatchIn, CrowdIn, RuleIn, validate
 from pricing_service.servicers.convert import (
     money_to_proto,
@@ -187,7 +186,7 @@ class DiscountAdminServicer(admin_pb2_grpc.DiscountAdminServiceServicer):
         store: RuleStore,
         settings: Settings,
         clock: Clock,
-        membership: MembershipStore | None = None,
+        membership: MembershipWriter | None = None,
     ) -> None:
         self.store = store
         self.tokens = settings.admin_tokens()

@@ -24,7 +24,8 @@ from pricing_service.interceptors import ServerInterceptor
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
-from pricing_service.rules.store import SqlRuleStore, open_rule_store
+from pricing_service.rules.factory import open_rule_store
+from pricing_service.rules.sql_store import SqlRuleStore
 from pricing_service.servicers.admin import DiscountAdminServicer
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 from tests.support.status import status_details

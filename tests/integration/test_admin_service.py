@@ -20,7 +20,8 @@ from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from pricing_service.auth import fingerprint
 from pricing_service.domain import ManualClock
 from pricing_service.metrics import Metrics
-from pricing_service.rules.store import SqlRuleStore, open_rule_store
+from pricing_service.rules.factory import open_rule_store
+from pricing_service.rules.sql_store import SqlRuleStore
 from pricing_service.runtime import RuntimeServer
 from pricing_service.servicers.admin import DiscountAdminServicer
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url

@@ -28,7 +28,8 @@ from pricing_service.errors import ConfigError
 from pricing_service.membership import derive
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
-from pricing_service.redis_client import ReplicaAcks, is_cluster, make_redis, parse_cluster_url
+from pricing_service.redis_client import is_cluster, make_redis, parse_cluster_url
+from pricing_service.replica_acks import ReplicaAcks
 from tests.support.certs import CertFiles, make_certs
 from tests.support.procs import (
     Proc,

@@ -579,7 +579,7 @@ class _NullStore:
     """Stands in for the store when the writes were already applied another way."""
 
     async def apply(self, writes: list[MembershipWrite]) -> Any:
-        from pricing_service.membership.store import ApplyResult  # noqa: PLC0415
+        from pricing_service.membership.writer import ApplyResult  # noqa: PLC0415
 
         return ApplyResult(applied=len(writes))
 

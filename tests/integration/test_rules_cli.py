@@ -15,8 +15,8 @@ from pricing_service.config import Settings
 from pricing_service.domain import CrowdKind, Money
 from pricing_service.errors import FailedPreconditionError, InvalidArgumentError
 from pricing_service.rules import cli
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.migrations import LATEST_VERSION
-from pricing_service.rules.store import open_rule_store
 from tests.support.rule_stores import settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration

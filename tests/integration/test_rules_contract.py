@@ -19,9 +19,10 @@ from pricing_service.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.migrations import LATEST_VERSION
-from pricing_service.rules.store import SqlRuleStore, open_rule_store
+from pricing_service.rules.sql_store import SqlRuleStore
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pricing_service.rules.store import open_rule_store
+from pricing_service.rules.factory import open_rule_store
 from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -26,7 +26,7 @@ WRITER = """
 import asyncio, sys
 from pricing_service.config import Settings
 from pricing_service.domain import CrowdKind, Money, Rule
-from pricing_service.rules.store import open_rule_store
+from pricing_service.rules.factory import open_rule_store
 
 async def main() -> None:
     store = await open_rule_store(Settings(rule_store_url=sys.argv[1]))

@@ -11,8 +11,8 @@ import pytest
 
 from pricing_service.domain import CrowdKind, ManualClock, Money, Rule, SystemClock
 from pricing_service.metrics import Metrics
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from pricing_service.rules.store import open_rule_store
 from tests.support.rule_stores import pg_schema, settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration

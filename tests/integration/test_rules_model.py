@@ -21,8 +21,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from pricing_service.crowds import CrowdDef, Predicate
 from pricing_service.domain import CrowdKind, ManualClock, Money, Rule
 from pricing_service.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from pricing_service.rules.store import SqlRuleStore, open_rule_store
+from pricing_service.rules.sql_store import SqlRuleStore
 from tests.support.rule_stores import settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration

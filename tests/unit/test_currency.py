@@ -13,7 +13,7 @@ import pytest
 
 from pricing_service.currency import MINOR_UNITS, PUBLISHED, SOURCE, is_known
 from pricing_service.errors import InvalidArgumentError
-from pricing_service.rules.validation import decimal_to_minor
+from pricing_service.rules.human_input import decimal_to_minor
 
 ROOT = Path(__file__).resolve().parents[2]
 

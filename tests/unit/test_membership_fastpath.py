@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pricing_service.membership import derive
 from pricing_service.membership.derive import DAY_MS, SnapshotEncoder, Ttls
 from pricing_service.membership.layout import EPOCH_MS, MAX_VERSION_MS, MembershipLayout
-from pricing_service.membership.store import group_writes
+from pricing_service.membership.writer import group_writes
 
 CUT = 1_760_000_000_000
 

@@ -9,7 +9,6 @@ from hypothesis import given
 from pricing_service import config
 from pricing_service.domain import Crowd, CrowdKind
 from pricing_service.membership.layout import (
-    APPLY_LUA,
     EPOCH_MS,
     MAX_TTL_S,
     MAX_VERSION_MS,
@@ -22,6 +21,7 @@ from pricing_service.membership.layout import (
     legacy_facts,
     merge_facts,
 )
+from pricing_service.membership.lua import APPLY_LUA
 
 L = MembershipLayout
 

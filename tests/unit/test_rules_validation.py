@@ -13,16 +13,9 @@ from pricing_service.currency import MAX_AMOUNT_MINOR, MINOR_UNITS
 from pricing_service.domain import CrowdKind, Money, Rule
 from pricing_service.errors import InvalidArgumentError
 from pricing_service.rules.cli import minor_to_decimal
-from pricing_service.rules.store import decode_token, encode_token
-from pricing_service.rules.validation import (
-    BatchIn,
-    RuleIn,
-    decimal_to_minor,
-    parse_crowd,
-    parse_time,
-    rule_from_human,
-    validate,
-)
+from pricing_service.rules.human_input import decimal_to_minor, parse_time, rule_from_human
+from pricing_service.rules.tokens import decode_token, encode_token
+from pricing_service.rules.validation import BatchIn, RuleIn, parse_crowd, validate
 
 GOOD: dict[str, Any] = {
     "seller_id": "42",
