@@ -46,7 +46,8 @@ from pricing_service.membership.layout import (
     legacy_facts,
     merge_facts,
 )
-from pricing_service.redis_client import TRANSIENT_ERRORS, is_cluster
+from pricing_service.redis_client import is_cluster
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.redis_pipe import PipelinedReader
 
 #: Encoded write arguments memoised by the standalone write path (cleared when full): fields

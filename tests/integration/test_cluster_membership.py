@@ -25,12 +25,12 @@ from pricing_service.membership import derive
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import (
-    TRANSIENT_ERRORS,
     ReplicaAcks,
     is_cluster,
     make_redis,
     parse_cluster_url,
 )
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from sync_worker.claims import claim_key, load_claiming
 from sync_worker.common import format_rfc3339_ms
 from sync_worker.consumer import StreamConsumer
