@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from pricing_service import watermark
 from pricing_service.breaker import CircuitBreaker
 from pricing_service.crowds import CrowdDef
 from pricing_service.domain import Clock, Crowd, CrowdKey, Money, Rule
@@ -35,13 +36,6 @@ log = structlog.get_logger("pricing_service.pricing")
 
 _NO_RULES: tuple[Rule, ...] = ()
 
-#: KEYS[1] = watermark key. Returns {seconds, microseconds, watermark or nil}. Declared
-#: ``no-writes`` (Redis 7): CLIENT PAUSE WRITE (a failover in progress) does not hold it back,
-#: and a replica could run it.
-_CLOCK_AND_WATERMARK_LUA = """#!lua flags=no-writes
-local t = redis.call('TIME')
-return {t[1], t[2], redis.call('GET', KEYS[1])}
-"""
 _CLOCK_SPAN = {"pricing.redis.script": "clock_and_watermark"}  # the EVAL's span attributes
 
 
@@ -334,8 +328,8 @@ class PricingCore:
                 # TIME and the watermark from the same node in one step: on Redis Cluster
                 # TIME has no key, so it must run where the watermark key lives
                 with redis_command(self.tracing, "EVAL", _CLOCK_SPAN):
-                    secs, micros, raw_wm = await self.primary.eval(
-                        _CLOCK_AND_WATERMARK_LUA, 1, self.membership.layout.watermark_key
+                    reading = await watermark.read(
+                        self.primary, self.membership.layout.watermark_key
                     )
                 with redis_command(self.tracing, "HMGET", {"pricing.crowds": len(crowds)}):
                     members = await self.membership.member_crowds(
@@ -353,15 +347,13 @@ class PricingCore:
                 f"Redis is unavailable ({type(exc).__name__}); not granting an unproven discount",
                 reason="REDIS_UNAVAILABLE",
             ) from None
-        redis_now_ms = int(secs) * 1000 + int(micros) // 1000
-        if raw_wm is None:
+        if reading.watermark_ms is None or reading.lag_ms is None:
             self.metrics.strict_refusals.labels("SYNC_WATERMARK_MISSING").inc()
             raise UnavailableError(
                 "the sync worker has published no watermark: membership freshness is unproven",
                 reason="SYNC_WATERMARK_MISSING",
             )
-        watermark = int(raw_wm)
-        lag = redis_now_ms - watermark
+        lag = reading.lag_ms
         if lag > self.strict_max_lag_ms:
             self.metrics.strict_refusals.labels("SYNC_LAGGING").inc()
             raise UnavailableError(
@@ -370,4 +362,4 @@ class PricingCore:
                 reason="SYNC_LAGGING",
                 metadata={"lag_ms": str(lag), "max_lag_ms": str(self.strict_max_lag_ms)},
             )
-        return watermark, members
+        return reading.watermark_ms, members

@@ -26,42 +26,15 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    ClusterError,
-    ReadOnlyError,
     RedisClusterException,
     SlotNotCoveredError,
-    TryAgainError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pricing_service.config import CLUSTER_SCHEMES, ClusterSeeds, Settings, parse_cluster_seeds
 from pricing_service.errors import ConfigError
-
-#: Errors that mean "this part of Redis is unreachable or changing hands right now": retry
-#: later. Besides connection errors and timeouts, a cluster answers ``CLUSTERDOWN`` while a
-#: failed master is not yet replaced, ``TRYAGAIN`` during a slot migration, and a slot may be
-#: briefly uncovered in the client's map.
-TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ClusterDownError,
-    TryAgainError,
-    SlotNotCoveredError,
-    AskError,  # MovedError is a subclass; left over only when a redirection itself failed
-    # "TTL exhausted": redirections did not settle. Seen while a slot migrates: redis-py's
-    # async cluster sends ASKING and the redirected command on different pooled
-    # connections, so ASK is not honoured until the slot has moved (then MOVED works).
-    ClusterError,
-    # "READONLY You can't write against a read only replica": a write that reached a master
-    # in the moment it was demoted (failover), before the client learnt the new topology
-    ReadOnlyError,
-    ConnectionError,
-    OSError,
-)
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 
 
 def is_cluster_url(url: str) -> bool:

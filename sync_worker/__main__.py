@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from pricing_service import watermark
 from pricing_service.config import Settings, load_settings
 from pricing_service.errors import ConfigError, PricingError
 from pricing_service.logging import configure_logging
@@ -123,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 # --- load-snapshot ----------------------------------------------------------------------------
 def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     from sync_worker.snapshot import Progress  # noqa: PLC0415
+    from sync_worker.snapshot.run import load_one, merge_results  # noqa: PLC0415
 
     parts: list[int] | None = None
     if args.parts is not None:
@@ -141,15 +143,14 @@ def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
         from sync_worker.parallel import load_parallel  # noqa: PLC0415
 
         reports = load_parallel(settings, args.directory, args.jobs, batch_rows=args.batch_rows)
-        merged = _merge_reports(reports)
-        print(json.dumps(merged), flush=True)
+        print(json.dumps(merge_results(reports)), flush=True)
         return 0 if all(r["ok"] for r in reports) else 1
 
     def bar(total: int) -> Progress:
         return Progress(total, tty=sys.stderr.isatty() and not args.no_progress)
 
     report = asyncio.run(
-        _load_one(
+        load_one(
             settings,
             args.directory,
             parts=parts,
@@ -167,86 +168,19 @@ def _load_snapshot(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _load_one(
-    settings: Settings,
-    directory: str,
-    *,
-    parts: list[int] | None = None,
-    worker_index: int | None = None,
-    workers: int | None = None,
-    batch_rows: int | None = None,
-    progress: Any = None,
-    claim: bool = False,
-) -> dict[str, Any]:
-    from sync_worker.claims import load_claiming  # noqa: PLC0415
-    from sync_worker.snapshot import SnapshotLoader  # noqa: PLC0415
-
-    redis = make_redis(settings, socket_timeout_ms=max(settings.redis_socket_timeout_ms, 10_000))
-    try:
-        loader = SnapshotLoader(settings, redis, batch_rows=batch_rows, progress=progress)
-        if claim:
-            report = await load_claiming(loader, directory)
-        else:
-            report = await loader.load(
-                directory, parts=parts, worker_index=worker_index, workers=workers
-            )
-    finally:
-        await redis.aclose()
-    out = report.as_dict()
-    out["ok"] = report.ok
-    log.info("snapshot_load_finished", **out)
-    return out
-
-
-def _merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    rejected: dict[str, int] = {}
-    for r in reports:
-        for k, v in r["rejected"].items():
-            rejected[k] = rejected.get(k, 0) + v
-    duration = max(r["duration_s"] for r in reports)
-    written = sum(r["memberships_written"] for r in reports)
-    rows = sum(r["rows_read"] for r in reports)
-    statuses = sorted({r["status"] for r in reports})
-    return {
-        "snapshot_id": reports[0]["snapshot_id"],
-        "snapshot_time": reports[0]["snapshot_time"],
-        "status": statuses[0] if len(statuses) == 1 else ",".join(statuses),
-        "ok": all(r["ok"] for r in reports),
-        "jobs": len(reports),
-        "rows_total": sum(r["rows_total"] for r in reports),
-        "rows_read": rows,
-        "memberships_written": written,
-        "skipped_stale": sum(r["skipped_stale"] for r in reports),
-        "rejected": rejected,
-        "rejected_total": sum(rejected.values()),
-        "duration_s": duration,
-        "rows_per_s": round(rows / max(duration, 1e-9)),
-        "memberships_per_s": round(written / max(duration, 1e-9)),
-        "message": "; ".join(r["message"] for r in reports if r["message"]),
-    }
-
-
 # --- consume ------------------------------------------------------------------------------------
 async def _consume(settings: Settings) -> int:
-    from sync_worker.consumer import ConsumerStats, StreamConsumer  # noqa: PLC0415
     from sync_worker.partitions import PartitionedConsumer  # noqa: PLC0415
 
-    consumer: StreamConsumer | PartitionedConsumer
-    if settings.event_partitions > 1:
-        consumer = PartitionedConsumer(settings)
-    else:
-        consumer = StreamConsumer(settings)
+    consumer = PartitionedConsumer(settings)
     stop_metrics = None
     if settings.worker_metrics_port:
         from sync_worker.metrics import serve_metrics  # noqa: PLC0415
 
-        def stats() -> list[tuple[str, ConsumerStats]]:
-            if isinstance(consumer, PartitionedConsumer):
-                return [(c.stream, c.stats) for c in consumer.consumers]
-            return [(settings.events_stream, consumer.stats)]
-
         stop_metrics = serve_metrics(
-            settings.worker_metrics_port, stats, addr=settings.worker_metrics_addr
+            settings.worker_metrics_port,
+            lambda: [(c.stream, c.stats) for c in consumer.consumers],
+            addr=settings.worker_metrics_addr,
         )
     try:
         async with consumer:
@@ -264,7 +198,8 @@ async def _consume(settings: Settings) -> int:
 async def _publish(
     settings: Settings, args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> int:
-    from sync_worker.events import EventPublisher, events_from_jsonl, make_event  # noqa: PLC0415
+    from sync_worker.events import events_from_jsonl, make_event  # noqa: PLC0415
+    from sync_worker.partitions import PartitionedPublisher  # noqa: PLC0415
 
     if args.file:
         if args.type or args.user or args.seller:
@@ -284,20 +219,12 @@ async def _publish(
         events = [make_event(args.type, args.user, args.seller, at, event_id=args.event_id)]
     redis = make_redis(settings)
     try:
-        if settings.event_partitions > 1:
-            from sync_worker.partitions import PartitionedPublisher  # noqa: PLC0415
-
-            ids = await PartitionedPublisher(
-                redis,
-                settings.events_stream,
-                settings.event_partitions,
-                max_id_length=settings.max_id_length,
-            ).publish(events)
-        else:
-            pub = EventPublisher(
-                redis, settings.events_stream, max_id_length=settings.max_id_length
-            )
-            ids = await pub.publish(events)
+        ids = await PartitionedPublisher(
+            redis,
+            settings.events_stream,
+            settings.event_partitions,
+            max_id_length=settings.max_id_length,
+        ).publish(events)
     finally:
         await redis.aclose()
     print(json.dumps({"published": len(ids), "first_id": ids[0] if ids else None,
@@ -343,28 +270,20 @@ async def _migrate(settings: Settings) -> int:
 
 # --- status -----------------------------------------------------------------------------------------
 async def _status(settings: Settings) -> int:
-    from sync_worker.consumer import WATERMARK_LUA  # noqa: PLC0415
     from sync_worker.partitions import partition_streams  # noqa: PLC0415
 
     redis = make_redis(settings)
     layout = MembershipLayout(settings.redis_namespace)
     streams = partition_streams(settings.events_stream, settings.event_partitions)
     try:
-        raw_w = await redis.get(layout.watermark_key)
-        # TIME where the watermark lives (Redis Cluster: TIME has no key of its own)
-        secs, micros = await redis.eval(
-            "local t = redis.call('TIME') return {t[1], t[2]}", 1, layout.watermark_key
-        )
-        now = int(secs) * 1000 + int(micros) // 1000
-        w = int(raw_w) if raw_w is not None else None
+        reading = await watermark.read(redis, layout.watermark_key)
         caught_up = True
         pending = length = 0
         consumers: list[dict[str, Any]] = []
         for stream in streams:
-            computed = await redis.eval(WATERMARK_LUA, 1, stream, settings.consumer_group)
-            # W < 0: no stream (-1) or no consumer group (-2) yet: nothing consumed it
-            caught_up = caught_up and int(computed[0]) >= 0 and computed[3] == 0 == computed[2]
-            pending += int(computed[2])
+            state = await watermark.stream_state(redis, stream, settings.consumer_group)
+            caught_up = caught_up and state.caught_up
+            pending += state.pending
             length += int(await redis.xlen(stream))
             with contextlib.suppress(Exception):
                 for c in await redis.xinfo_consumers(stream, settings.consumer_group):
@@ -385,8 +304,8 @@ async def _status(settings: Settings) -> int:
                 "stream": settings.events_stream,
                 "partitions": len(streams),
                 "group": settings.consumer_group,
-                "watermark_ms": w,
-                "lag_ms": now - w if w is not None else None,
+                "watermark_ms": reading.watermark_ms,
+                "lag_ms": reading.lag_ms,
                 "caught_up": bool(caught_up),
                 "pending": pending,
                 "stream_length": length,

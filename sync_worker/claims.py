@@ -29,7 +29,9 @@ from typing import Final
 import redis.asyncio as aioredis
 import structlog
 
-from sync_worker.snapshot import LoadReport, PartProgress, SnapshotLoader, snapshot_id
+from sync_worker.snapshot.loader import SnapshotLoader
+from sync_worker.snapshot.manifest import snapshot_id
+from sync_worker.snapshot.report import LoadReport, PartProgress
 
 log = structlog.get_logger("sync_worker.claims")
 
@@ -112,7 +114,7 @@ async def load_claiming(
                     await renewer
                 with contextlib.suppress(Exception):
                     await redis.eval(RELEASE_LUA, 1, key, me)
-            _merge(total, report)
+            total.merge(report)
             if not report.ok:
                 total.duration_s = time.monotonic() - t0
                 return total
@@ -136,20 +138,3 @@ async def _renew(redis: aioredis.Redis, key: str, me: str, lease_ms: int, part: 
         if not ok:
             log.warning("snapshot_claim_lost", part=part, owner=me)
             return
-
-
-def _merge(total: LoadReport, r: LoadReport) -> None:
-    total.snapshot_time = r.snapshot_time
-    if not r.ok:
-        total.status = r.status
-    elif r.status == "loaded" and total.ok:
-        total.status = "loaded"
-    total.parts.extend(p for p in r.parts if p not in r.parts_skipped_done)
-    total.rows_total += r.rows_total
-    total.rows_read += r.rows_read
-    total.memberships_written += r.memberships_written
-    total.skipped_stale += r.skipped_stale
-    total.rejected.update(r.rejected)
-    total.failed_users += r.failed_users
-    if r.message:
-        total.message = "; ".join(m for m in (total.message, r.message) if m)

@@ -1,8 +1,16 @@
-"""Small helpers shared by the snapshot loader and the stream consumer (no I/O)."""
+"""Small facts and helpers shared by the snapshot loader, the list loader and the stream consumer
+(no I/O). The id rule is the server's: :func:`pricing_service.ids.id_problem`."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Final
+
+#: How far a fact's time may be later than the reference time (a snapshot's cut, the worker's
+#: clock for an event): the clocks of the exporting and producing systems.
+CLOCK_SKEW_MS: Final = 5 * 60 * 1000
+#: The end of the UNAVAILABLE message of a load that gave up during a Redis outage.
+RESUME_HINT: Final = "run the load again to resume from the last checkpoint"
 
 
 class TimeFormatError(ValueError):
@@ -30,14 +38,3 @@ def format_rfc3339_ms(ms: int) -> str:
     """``2025-01-02T03:04:05.123Z`` for UTC milliseconds."""
     dt = datetime.fromtimestamp(ms // 1000, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-def id_problem(value: str, max_len: int) -> str | None:
-    """Why ``value`` is not a valid id (``None`` when it is): the server's rule."""
-    if not value:
-        return "MISSING_ID"
-    if len(value) > max_len:
-        return "ID_TOO_LONG"
-    if not value.isprintable():
-        return "INVALID_ID"
-    return None

@@ -20,123 +20,55 @@ Failures:
 * On start, after an outage, and every ``stream_claim_idle_ms / 2`` the consumer first re-reads
   its own pending entries, then reclaims entries left pending by any consumer for longer than
   ``stream_claim_idle_ms`` (``XAUTOCLAIM``), e.g. by a consumer that died.
-* Redis unreachable: retry with capped exponential backoff, one ``redis_unavailable`` log per
-  outage and one ``redis_recovered`` when it is back; the batch in hand is applied and
+* Redis unreachable: retry under the one policy (:class:`pricing_service.redis_errors.Outage`:
+  capped exponential backoff, one ``redis_unavailable`` log per outage and one
+  ``redis_recovered`` when it is back); the batch in hand is applied and
   acknowledged after recovery. The group is re-created if Redis lost it (a restart without
   persistence). The blocking read is kept shorter than the client's socket timeout.
 * :meth:`StreamConsumer.shutdown` (SIGTERM): the batch in hand is finished and acknowledged,
   then :meth:`run` returns.
 
-Watermark rule (contract with ``CheckDiscountStrict``): the key
-``MembershipLayout(ns).watermark_key`` holds a decimal integer ``W`` in milliseconds on the Redis
-server's clock, meaning *every entry added to the stream with an ID time < W has been applied
-or dead-lettered*. It is computed from the group's state, atomically, by one read-only script
-(:data:`WATERMARK_LUA`), and never from this consumer's view alone::
-
-    now = Redis TIME
-    W   = now                                   if every entry has been delivered to the group
-        = ms(first entry after last-delivered)  otherwise (a backlog)
-    W   = min(W, ms(oldest pending entry of the group))   if any entry is pending
-
-Entries are delivered in ID order and acknowledged only after their writes succeeded, so every
-entry with an ID below that bound has been delivered and acknowledged. Stream IDs are
-generated from the same server clock as ``TIME`` and only grow, so the statement stays true
-once made; the key is only ever moved forward (:data:`SET_MAX_LUA`). The watermark is
-recomputed every ``watermark_interval_ms`` (default 100 ms), also while the stream is idle, so
-under steady traffic ``now - W`` stays near the batch latency; the lag is logged
+Watermark (contract with ``CheckDiscountStrict``, :mod:`pricing_service.watermark`): the loop
+recomputes it from the group's state every ``watermark_interval_ms`` (default 100 ms), also
+while the stream is idle, so under steady traffic ``now - W`` stays near the batch latency; the
+loop of partition 0 publishes it (the minimum over the partitions), the lag is logged
 (``stream_progress``) and kept in :attr:`StreamConsumer.stats`.
+
+A process runs one such loop per stream partition through
+:class:`~sync_worker.partitions.PartitionedConsumer` (one partition is the ordinary case).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
-import random
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import ResponseError
 
 from pricing_service.config import Settings
 from pricing_service.domain import Clock, SystemClock
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
-from pricing_service.redis_client import (
-    TRANSIENT_ERRORS,
-    make_redis,
-    socket_timeout_s,
-)
-from pricing_service.replica_acks import ReplicaAcks
+from pricing_service.redis_client import make_redis, socket_timeout_s
+from pricing_service.redis_errors import TRANSIENT_ERRORS, Outage
+from pricing_service.watermark import WatermarkWriter, watermark_duty
 from sync_worker.events import DecodedEvent, PoisonEntry, decode_entry
+from sync_worker.replication import ReplicationGuard
+from sync_worker.stats import ConsumerStats
 
 log = structlog.get_logger("sync_worker.consumer")
 
-#: Errors that mean "Redis is unreachable right now" (retried with backoff); on Redis Cluster
-#: also a node failing over (CLUSTERDOWN) or a slot migrating (TRYAGAIN).
-OUTAGE_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    ConnectionError,
-    OSError,
-    *TRANSIENT_ERRORS,
-)
 #: What a failed watermark update may raise (NoScriptError is a ResponseError): retried later.
-_WATERMARK_ERRORS: Final[tuple[type[BaseException], ...]] = (*OUTAGE_ERRORS, ResponseError)
-
-#: KEYS[1] = stream, ARGV[1] = group. Returns {W, now, pending, backlog} (W = -1: no stream,
-#: -2: no group). Read-only; see the module docstring for the rule.
-WATERMARK_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function ms(id) return tonumber(string.match(id, '^(%d+)')) end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, now, 0, 0} end
-local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-local last = nil
-for i = 1, #groups do
-  local g = groups[i]
-  local name, ld = nil, nil
-  for j = 1, #g, 2 do
-    if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then ld = g[j + 1] end
-  end
-  if name == ARGV[1] then last = ld end
-end
-if last == nil then return {-2, now, 0, 0} end
-local w = now
-local backlog = 0
-local nxt = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
-if #nxt > 0 then
-  backlog = 1
-  w = ms(nxt[1][1])
-end
-local p = redis.call('XPENDING', KEYS[1], ARGV[1])
-if p[1] > 0 then
-  local m = ms(p[2])
-  if m < w then w = m end
-end
-return {w, now, p[1], backlog}
-"""
-
-#: KEYS[1] = watermark key, ARGV[1] = candidate. Moves the value forward only; returns it.
-SET_MAX_LUA: Final = """
-local cur = tonumber(redis.call('GET', KEYS[1]))
-local w = tonumber(ARGV[1])
-if cur == nil or w > cur then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return ARGV[1]
-end
-return tostring(cur)
-"""
+_WATERMARK_ERRORS: Final[tuple[type[BaseException], ...]] = (*TRANSIENT_ERRORS, ResponseError)
 
 
 def default_consumer_name() -> str:
@@ -151,77 +83,17 @@ def id_ms(entry_id: bytes | str) -> int:
     return int(_s(entry_id).partition("-")[0])
 
 
-@dataclass(slots=True)
-class ConsumerStats:
-    """Counters of one consumer since it started."""
-
-    batches: int = 0
-    entries: int = 0
-    events_applied: int = 0
-    writes_applied: int = 0
-    writes_stale: int = 0
-    expired_events: int = 0
-    reclaimed: int = 0
-    retried_entries: int = 0
-    dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
-    outages: int = 0
-    #: batches whose writes reached a primary with no replica in sync (acknowledged unprotected)
-    replication_unprotected: int = 0
-    #: WAITs that got fewer replica acknowledgements than required (batch not acknowledged)
-    replication_wait_short: int = 0
-    watermark_ms: int = 0
-    lag_ms: int = -1
-    pending: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batches": self.batches,
-            "entries": self.entries,
-            "events_applied": self.events_applied,
-            "writes_applied": self.writes_applied,
-            "writes_stale": self.writes_stale,
-            "expired_events": self.expired_events,
-            "reclaimed": self.reclaimed,
-            "retried_entries": self.retried_entries,
-            "dead_lettered": dict(self.dead_lettered),
-            "outages": self.outages,
-            "replication_unprotected": self.replication_unprotected,
-            "replication_wait_short": self.replication_wait_short,
-            "watermark_ms": self.watermark_ms,
-            "lag_ms": self.lag_ms,
-            "pending": self.pending,
-        }
-
-
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-class _Scripts:
-    """EVALSHA with a reload after NOSCRIPT (Redis restarted or SCRIPT FLUSH)."""
-
-    def __init__(self, redis: aioredis.Redis, source: str) -> None:
-        self.redis = redis
-        self.source = source
-        self.sha: str | None = None
-
-    async def __call__(self, keys: Sequence[str], args: Sequence[str]) -> Any:
-        for attempt in range(2):
-            if self.sha is None:
-                self.sha = _s(await self.redis.script_load(self.source))
-            try:
-                return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                self.sha = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-
 class StreamConsumer:
-    """One member of the consumer group. ``await run()`` until :meth:`shutdown`.
+    """The consumer loop of one stream partition, a member of the consumer group.
+    ``await run()`` until :meth:`shutdown`.
 
-    Use as ``async with StreamConsumer(settings) as c: await c.run()``; the client is closed on
-    exit when the consumer created it.
+    A process runs one per partition through :class:`~sync_worker.partitions.PartitionedConsumer`
+    (with one partition, one loop); alone (tests, tools) use it as
+    ``async with StreamConsumer(settings) as c: await c.run()``. The client is closed on exit
+    when the loop created it.
     """
 
     def __init__(
@@ -234,14 +106,12 @@ class StreamConsumer:
         watermark_interval_ms: int = 100,
         progress_interval_s: float = 10.0,
         trim_retention_ms: int | None = 24 * 3600 * 1000,
-        stream: str | None = None,
-        watermark_streams: Sequence[str] | None = None,
-        publish_watermark: bool = True,
+        streams: Sequence[str] | None = None,
+        partition: int = 0,
     ) -> None:
-        """``stream`` overrides ``settings.events_stream`` (one partition of several, see
-        :mod:`sync_worker.partitions`). The watermark is the minimum over ``watermark_streams``
-        (default: ``[stream]``); with ``publish_watermark=False`` it is only computed (stats,
-        trimming), and another consumer publishes the key."""
+        """``streams`` are every partition's stream (default: ``[settings.events_stream]``);
+        this loop reads ``streams[partition]``, and its share of the watermark is
+        :func:`~pricing_service.watermark.watermark_duty`'s."""
         self.settings = settings
         block = settings.stream_block_ms
         self._owns_redis = redis is None
@@ -260,34 +130,29 @@ class StreamConsumer:
         self.ttls = Ttls.from_seconds(
             settings.membership_ttl_s, settings.tombstone_ttl_s, settings.old_fan_min_days
         )
-        self.stream = stream or settings.events_stream
-        self.watermark_streams = list(watermark_streams or [self.stream])
-        self.publish_watermark = publish_watermark
-        self.replica_acks: ReplicaAcks | None = None
-        if settings.redis_wait_replicas > 0:
-            self.replica_acks = ReplicaAcks(
-                self.redis,
-                f"{settings.redis_namespace}sync:replica-ack:",
-                replicas=settings.redis_wait_replicas,
-                timeout_ms=settings.redis_wait_timeout_ms,
-            )
-        self._unprotected: set[str] = set()  # primaries last seen without a replica
+        all_streams = list(streams or [settings.events_stream])
+        self.stream = all_streams[partition]
         self.group = settings.consumer_group
+        wm_streams, publish = watermark_duty(partition, all_streams)
+        self.watermark = WatermarkWriter(
+            self.redis, self.layout.watermark_key, self.group, wm_streams, publish=publish
+        )
+        self.stats = ConsumerStats()
+        self._stop = asyncio.Event()
+        self.replication: ReplicationGuard | None = None
+        if settings.redis_wait_replicas > 0:
+            self.replication = ReplicationGuard(self.redis, settings, self.stats, self._stop)
+        self.replica_acks = self.replication.acks if self.replication is not None else None
         self.name = consumer_name or settings.consumer_name or default_consumer_name()
         self.watermark_interval_s = watermark_interval_ms / 1000
         self.progress_interval_s = progress_interval_s
         self.trim_retention_ms = trim_retention_ms
         self.reclaim_interval_s = max(settings.stream_claim_idle_ms / 2000, 0.1)
-        self.stats = ConsumerStats()
-        self._wm_compute = _Scripts(self.redis, WATERMARK_LUA)
-        self._wm_set = _Scripts(self.redis, SET_MAX_LUA)
-        self._stop = asyncio.Event()
         self._wm_stop = asyncio.Event()
         self._in_hand: list[Entry] = []
         self._setup_needed = True
         self._next_reclaim = 0.0
-        self._outage_since: float | None = None
-        self._outage_attempts = 0
+        self._outage = Outage()
         self._last_trim = 0.0
         self.running = False
 
@@ -330,14 +195,14 @@ class StreamConsumer:
             while not self.stopping:
                 try:
                     await self._step()
-                    self._recovered()
-                except OUTAGE_ERRORS as exc:
-                    await self._outage(exc)
+                    self._outage.recovered()
+                except TRANSIENT_ERRORS as exc:
+                    await self._outage_pause(exc)
                 except ResponseError as exc:
                     if str(exc).startswith("UNBLOCKED"):
                         # a blocked XREADGROUP ends like this when its master became a
                         # replica (Redis Cluster failover): the client follows the new master
-                        await self._outage(exc)
+                        await self._outage_pause(exc)
                         continue
                     if "NOGROUP" in str(exc):  # Redis lost the stream or the group
                         log.warning("stream_group_missing", stream=self.stream, group=self.group)
@@ -345,7 +210,7 @@ class StreamConsumer:
                         continue
                     raise
             if self._in_hand:  # stopped during an outage: try once more to finish the batch
-                with contextlib.suppress(*OUTAGE_ERRORS):
+                with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self._process(self._in_hand)
                     self._in_hand = []
         finally:
@@ -355,7 +220,7 @@ class StreamConsumer:
                 await asyncio.wait_for(asyncio.shield(wm_task), 10)
             if not wm_task.done():
                 wm_task.cancel()
-            with contextlib.suppress(*OUTAGE_ERRORS, ResponseError):
+            with contextlib.suppress(*TRANSIENT_ERRORS, ResponseError):
                 await self.update_watermark()
             self.running = False
             log.info(
@@ -504,12 +369,12 @@ class StreamConsumer:
         if dead:  # dead letters first: like the writes, they must reach a replica before XACK
             await self._dead_letter(dead, now)
             ack.extend(eid for (eid, _), _, _ in dead)
-        if self.replica_acks is not None:
+        if self.replication is not None:
             written = {u for u in users.values() if u not in result.failed_users}
             keys = [self.layout.user_key(u) for u in written] if writes else []
             if dead:
                 keys.append(self.settings.dead_letter_stream)
-            if keys and not await self._await_replicas(keys):
+            if keys and not await self.replication.wait(keys):
                 return  # stopping before a replica confirmed: leave the batch pending
         if ack:
             await self.redis.xack(self.stream, self.group, *ack)
@@ -544,47 +409,6 @@ class StreamConsumer:
             pipe.xadd(self.settings.dead_letter_stream, letter)  # type: ignore[arg-type]
         await pipe.execute()
 
-    async def _await_replicas(self, keys: list[str]) -> bool:
-        """Until the writes to ``keys`` reached a replica on every primary that has one.
-
-        A primary without a replica in sync cannot protect the writes: they are acknowledged
-        anyway (the alternative is to stop consuming), counted and logged
-        (``replication_unprotected``, once per episode). A short ``WAIT`` is counted, logged
-        (``replication_wait_short``) and retried; the batch is not acknowledged meanwhile.
-        Returns False only when stopping before the replicas confirmed.
-        """
-        assert self.replica_acks is not None
-        attempt = 0
-        while True:
-            r = await self.replica_acks.wait(keys)
-            unprotected = set(r.unprotected or ())
-            if unprotected:
-                self.stats.replication_unprotected += 1
-                if unprotected - self._unprotected:
-                    log.warning(
-                        "replication_unprotected",
-                        primaries=sorted(unprotected - self._unprotected),
-                        detail="no replica in sync: membership writes acknowledged without WAIT",
-                    )
-            protected_again = self._unprotected & (set(r.names or ()) - unprotected)
-            if protected_again:
-                log.info("replication_protected", primaries=sorted(protected_again))
-            self._unprotected = (self._unprotected - protected_again) | unprotected
-            if r.ok:
-                return True
-            attempt += 1
-            self.stats.replication_wait_short += 1
-            log.warning(
-                "replication_wait_short",
-                primaries=r.short,
-                attempt=attempt,
-                replicas=self.replica_acks.replicas,
-                timeout_ms=self.replica_acks.timeout_ms,
-            )
-            if self.stopping:
-                return False
-            await self._sleep(min(0.05 * 2**attempt, 1.0))
-
     async def _deliveries(self, entries: list[Entry]) -> dict[bytes, int]:
         """Delivery count of each entry (XPENDING), for the dead-letter decision."""
         pipe = self.redis.pipeline(transaction=False)
@@ -598,27 +422,14 @@ class StreamConsumer:
 
     # --- watermark ---------------------------------------------------------------------------
     async def update_watermark(self) -> int | None:
-        """Recompute the watermark from the group's state and move the key forward."""
-        w: int | None = None
-        now: int | None = None
-        pending = 0
-        for stream in self.watermark_streams:  # partitions: the minimum over all of them
-            ws, nows, pend, _backlog = await self._wm_compute([stream], [self.group])
-            if int(ws) < 0:
-                return None
-            w = int(ws) if w is None else min(w, int(ws))
-            now = int(nows) if now is None else max(now, int(nows))
-            pending += int(pend)
-        if w is None or now is None:
+        """Recompute the watermark from the group's state (and publish it: partition 0)."""
+        got = await self.watermark.update()
+        if got is None:
             return None
-        if self.publish_watermark:
-            current = int(await self._wm_set([self.layout.watermark_key], [str(w)]))
-        else:
-            current = w
-        self.stats.watermark_ms = current
-        self.stats.lag_ms = int(now) - current
-        self.stats.pending = int(pending)
-        return current
+        self.stats.watermark_ms = got.watermark_ms
+        self.stats.lag_ms = got.lag_ms
+        self.stats.pending = got.pending
+        return got.watermark_ms
 
     async def _watermark_loop(self) -> None:
         next_progress = time.monotonic() + self.progress_interval_s
@@ -649,29 +460,12 @@ class StreamConsumer:
             await self.redis.xtrim(self.stream, minid=str(minid), approximate=True)
 
     # --- outages -------------------------------------------------------------------------------
-    async def _outage(self, exc: BaseException) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            self._outage_attempts = 0
+    async def _outage_pause(self, exc: BaseException) -> None:
+        if not self._outage.active:
             self.stats.outages += 1
-            log.warning(
-                "redis_unavailable",
-                error=f"{type(exc).__name__}: {exc}",
-                unacknowledged=len(self._in_hand),
-            )
-        self._outage_attempts += 1
+        delay = self._outage.failed(exc, unacknowledged=len(self._in_hand))
         self._setup_needed = True
-        delay = min(0.05 * 2 ** min(self._outage_attempts, 10), 2.0) * random.uniform(0.5, 1.0)
         await self._sleep(delay)
-
-    def _recovered(self) -> None:
-        if self._outage_since is not None:
-            log.info(
-                "redis_recovered",
-                outage_ms=round((time.monotonic() - self._outage_since) * 1000),
-                attempts=self._outage_attempts,
-            )
-            self._outage_since = None
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

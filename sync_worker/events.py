@@ -12,7 +12,7 @@ an UPPER_SNAKE reason:
 * ``MISSING_OCCURRED_AT`` - no ``occurred_at``;
 * ``INVALID_OCCURRED_AT`` - an ``occurred_at`` outside the Timestamp spec (``nanos`` outside
   0..999,999,999, ``seconds`` outside years 1..9999): no instant to version a record with;
-* ``FUTURE_EVENT`` - ``occurred_at`` later than now + :data:`CLOCK_SKEW_MS`; such an event would
+* ``FUTURE_EVENT`` - ``occurred_at`` later than now + :data:`~sync_worker.common.CLOCK_SKEW_MS`; such an event would
   win every later last-writer-wins comparison until its date.
 
 An event dated before the layout epoch (2024-01-01) is valid but long expired under any TTL: it
@@ -22,6 +22,7 @@ is acknowledged and counted as stale (:attr:`DecodedEvent.expired`).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,14 +33,13 @@ from google.protobuf.message import DecodeError
 
 from pricing.v1 import events_pb2
 from pricing_service.errors import InvalidArgumentError
+from pricing_service.ids import id_problem
 from pricing_service.membership import derive
 from pricing_service.membership.derive import MembershipWrite, Ttls
 from pricing_service.membership.layout import EPOCH_MS
 from pricing_service.servicers.convert import timestamp_to_ms
-from sync_worker.common import TimeFormatError, id_problem, parse_rfc3339_ms
+from sync_worker.common import CLOCK_SKEW_MS, TimeFormatError, parse_rfc3339_ms
 
-#: How far in the future (by the worker's clock) an event's ``occurred_at`` may be.
-CLOCK_SKEW_MS: Final = 5 * 60 * 1000
 EVENT_FIELD: Final = b"event"
 
 FOLLOW: Final = events_pb2.RELATION_EVENT_TYPE_FOLLOW
@@ -107,6 +107,19 @@ def validate_event(
             "FUTURE_EVENT", f"occurred_at is {occurred - now_ms} ms in the future (clock skew?)"
         )
     return DecodedEvent(ev.event_id, int(ev.type), ev.user_id, ev.seller_id, occurred)
+
+
+def validate_events(
+    events: Sequence[events_pb2.RelationEvent], *, now_ms: int | None, max_id_length: int
+) -> None:
+    """What a producer checks before publishing anything: every event as the consumer will
+    (``now_ms`` default: now); the first bad one raises INVALID_ARGUMENT (``events[i]``)."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    for i, ev in enumerate(events):
+        try:
+            validate_event(ev, now_ms=now, max_id_length=max_id_length)
+        except PoisonEntry as exc:
+            raise InvalidArgumentError.field(f"events[{i}]", exc.detail, exc.reason) from None
 
 
 def decode_entry(fields: Mapping[bytes, bytes], *, now_ms: int, max_id_length: int) -> DecodedEvent:
@@ -229,16 +242,7 @@ class EventPublisher:
     ) -> list[str]:
         """XADD every event (pipelined, in order); returns the stream ids."""
         if validate:
-            import time  # noqa: PLC0415
-
-            now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-            for i, ev in enumerate(events):
-                try:
-                    validate_event(ev, now_ms=now, max_id_length=self.max_id_length)
-                except PoisonEntry as exc:
-                    raise InvalidArgumentError.field(
-                        f"events[{i}]", exc.detail, exc.reason
-                    ) from None
+            validate_events(events, now_ms=now_ms, max_id_length=self.max_id_length)
         return await self.publish_raw([{EVENT_FIELD: ev.SerializeToString()} for ev in events])
 
     async def publish_raw(self, entries: Sequence[Mapping[bytes, bytes]]) -> list[str]:

@@ -39,11 +39,12 @@ import structlog
 from pricing_service.config import Settings
 from pricing_service.domain import Clock, SystemClock
 from pricing_service.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError
+from pricing_service.ids import id_problem
 from pricing_service.membership.layout import LAYOUT_VERSION, MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.membership.writer import ApplyResult
-from sync_worker.common import format_rfc3339_ms, id_problem
-from sync_worker.snapshot import CLOCK_SKEW_MS, retrying
+from pricing_service.redis_errors import retrying
+from sync_worker.common import CLOCK_SKEW_MS, RESUME_HINT, format_rfc3339_ms
 
 log = structlog.get_logger("sync_worker.lists")
 
@@ -299,7 +300,7 @@ class ListLoader:
         return result
 
     async def _retrying(self, op: Callable[[], Any]) -> Any:
-        return await retrying(op, 300.0)
+        return await retrying(op, 300.0, resume_hint=RESUME_HINT)
 
 
 async def migrate_membership(

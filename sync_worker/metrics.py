@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pricing_service.metrics import register_runtime_collectors
-from sync_worker.consumer import ConsumerStats
+from sync_worker.stats import ConsumerStats
 
 _COUNTERS = {
     "entries": ("sync_stream_entries", "Stream entries read"),

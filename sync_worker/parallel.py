@@ -14,17 +14,16 @@ from typing import Any
 from pricing_service.config import Settings
 from pricing_service.errors import PricingError
 from pricing_service.logging import configure_logging
+from sync_worker.snapshot.run import load_one
 
 
 def _child(
     settings: Settings, directory: str, index: int, jobs: int, batch_rows: int | None
 ) -> Any:
-    from sync_worker.__main__ import _load_one  # noqa: PLC0415
-
     configure_logging(settings.log_level, settings.log_format)
     try:
         return asyncio.run(
-            _load_one(settings, directory, worker_index=index, workers=jobs, batch_rows=batch_rows)
+            load_one(settings, directory, worker_index=index, workers=jobs, batch_rows=batch_rows)
         )
     except PricingError as exc:  # exceptions lose their reason when pickled
         return {"refused": True, "reason": exc.reason, "message": exc.message}

@@ -12,16 +12,19 @@ process needs no other change: the group spreads each partition's entries over i
 Applying is order-independent by design (last writer wins by ``occurred_at``), so a buyer's
 events may be applied by different workers without changing the result.
 
-Watermark: the contract of :mod:`sync_worker.consumer` per partition, and the published key
-holds the minimum over the partitions: every event published to any partition before it has
-been applied. One consumer loop per process computes and publishes it.
+Watermark: the contract of :mod:`pricing_service.watermark`: the published key holds the
+minimum over the partitions, every event published to any partition before it has been
+applied; in each process the loop of partition 0 computes and publishes it.
+
+:class:`PartitionedPublisher` and :class:`PartitionedConsumer` are *the* publisher and consumer
+of ``sync-worker``, whatever ``N``: one partition is their ordinary case (one
+:class:`~sync_worker.events.EventPublisher`, one :class:`~sync_worker.consumer.StreamConsumer`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import zlib
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -30,10 +33,9 @@ import redis.asyncio as aioredis
 
 from pricing.v1 import events_pb2
 from pricing_service.config import Settings
-from pricing_service.errors import InvalidArgumentError
 from pricing_service.redis_client import make_redis
 from sync_worker.consumer import StreamConsumer
-from sync_worker.events import EVENT_FIELD, EventPublisher, PoisonEntry, validate_event
+from sync_worker.events import EVENT_FIELD, EventPublisher, validate_events
 
 
 def partition_streams(events_stream: str, partitions: int) -> list[str]:
@@ -64,6 +66,7 @@ class PartitionedPublisher:
     ) -> None:
         self.streams = partition_streams(events_stream, partitions)
         self.partitions = partitions
+        self.max_id_length = max_id_length
         self._publishers = [
             EventPublisher(redis, s, max_id_length=max_id_length, chunk=chunk) for s in self.streams
         ]
@@ -87,15 +90,7 @@ class PartitionedPublisher:
         for i, ev in enumerate(events):
             groups.setdefault(partition_of(ev.user_id, self.partitions), []).append(i)
         if validate:  # everything first: nothing is published if one event is bad
-            now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
-            max_len = self._publishers[0].max_id_length
-            for i, ev in enumerate(events):
-                try:
-                    validate_event(ev, now_ms=now, max_id_length=max_len)
-                except PoisonEntry as exc:
-                    raise InvalidArgumentError.field(
-                        f"events[{i}]", exc.detail, exc.reason
-                    ) from None
+            validate_events(events, now_ms=now_ms, max_id_length=self.max_id_length)
         ids: list[str] = [""] * len(events)
         results = await asyncio.gather(
             *(
@@ -151,13 +146,10 @@ class PartitionedConsumer:
                 consumer_name=consumer_name,
                 watermark_interval_ms=watermark_interval_ms,
                 progress_interval_s=progress_interval_s,
-                stream=stream,
-                # loop 0 publishes the minimum over all partitions; the others compute their
-                # own (stats, trimming) without publishing
-                watermark_streams=self.streams if k == 0 else [stream],
-                publish_watermark=k == 0,
+                streams=self.streams,
+                partition=k,
             )
-            for k, stream in enumerate(self.streams)
+            for k in range(n)
         ]
 
     async def __aenter__(self) -> PartitionedConsumer:

@@ -28,7 +28,8 @@ from pricing_service.domain import DAY_MS, Clock
 from pricing_service.membership.derive import MembershipWrite, encode_write
 from pricing_service.membership.layout import LayoutError, MembershipLayout
 from pricing_service.membership.lua import APPLY_LUA, REGISTER_LISTS_LUA, UNREGISTER_LISTS_LUA
-from pricing_service.redis_client import TRANSIENT_ERRORS, is_cluster
+from pricing_service.redis_client import is_cluster
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.redis_pipe import encode_array, encode_bulk
 
 #: Encoded write arguments memoised by the standalone write path (cleared when full): fields

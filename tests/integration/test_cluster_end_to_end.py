@@ -32,7 +32,8 @@ from pricing.v1 import (
 )
 from pricing_service.config import load_settings
 from pricing_service.membership.layout import MembershipLayout
-from pricing_service.redis_client import TRANSIENT_ERRORS, make_redis
+from pricing_service.redis_client import make_redis
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
 from sync_worker.events import make_event
 from sync_worker.partitions import PartitionedPublisher, partition_of

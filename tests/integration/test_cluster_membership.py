@@ -25,11 +25,11 @@ from pricing_service.membership import derive
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import (
-    TRANSIENT_ERRORS,
     is_cluster,
     make_redis,
     parse_cluster_url,
 )
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
 from sync_worker.claims import claim_key, load_claiming
 from sync_worker.common import format_rfc3339_ms

@@ -21,9 +21,10 @@ from pricing_service.errors import FailedPreconditionError, InvalidArgumentError
 from pricing_service.membership.derive import DAY_MS, Ttls, snapshot_row, unfollow
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
-from sync_worker import snapshot as snapshot_module
 from sync_worker.events import EventPublisher, make_event
-from sync_worker.snapshot import HEADER, SnapshotLoader, _csv_rows, count_rows
+from sync_worker.snapshot import HEADER, SnapshotLoader, count_rows
+from sync_worker.snapshot import manifest as snapshot_module
+from sync_worker.snapshot.manifest import csv_rows as _csv_rows
 from sync_worker.snapshot_gen import SnapshotRow, realistic_rows, write_snapshot
 from tests.integration.test_sync_model import Model, cli, cli_env, popen, redis_state
 

@@ -52,7 +52,8 @@ from pricing_service.membership import derive
 from pricing_service.membership.derive import FactWrite, MembershipWrite, Ttls
 from pricing_service.membership.layout import Facts, Follow, MembershipLayout, Purchases
 from pricing_service.membership.store import MembershipStore
-from pricing_service.redis_client import TRANSIENT_ERRORS, is_cluster_url, make_redis
+from pricing_service.redis_client import is_cluster_url, make_redis
+from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
 from sync_worker.events import EVENT_FIELD, make_event
 from sync_worker.partitions import partition_of, partition_streams

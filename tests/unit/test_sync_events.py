@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from pricing.v1 import events_pb2
 from pricing_service.errors import InvalidArgumentError
+from pricing_service.ids import id_problem
 from pricing_service.membership.derive import FactWrite, Ttls
 from pricing_service.membership.layout import EPOCH_MS, Facts, Follow, Purchases
-from sync_worker.common import TimeFormatError, format_rfc3339_ms, id_problem, parse_rfc3339_ms
+from sync_worker.common import CLOCK_SKEW_MS, TimeFormatError, format_rfc3339_ms, parse_rfc3339_ms
 from sync_worker.events import (
-    CLOCK_SKEW_MS,
     EVENT_FIELD,
     FOLLOW,
     PURCHASE,
