@@ -38,7 +38,7 @@ from typing import Any
 from bench.harness import Harness
 from bench.serving import Run, measure_server, prepare
 from bench.serving_data import METHOD, NAMESPACE, catalog
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 VARIANTS: dict[str, dict[str, str]] = {
     "thread": {"PRICING_NATIVE_PUMP": "thread", "PRICING_NATIVE_IO_POLICY": "normal"},

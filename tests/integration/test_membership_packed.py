@@ -16,7 +16,7 @@ from pricing_service.membership import derive
 from pricing_service.membership.derive import FactWrite, MembershipWrite, SnapshotEncoder, Ttls
 from pricing_service.membership.layout import Facts, Follow, MembershipLayout
 from pricing_service.membership.store import MembershipStore, group_writes
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

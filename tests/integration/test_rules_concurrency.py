@@ -15,7 +15,7 @@ import pytest
 from pricing_service.domain import CrowdKind, Money, Rule
 from pricing_service.errors import FailedPreconditionError
 from pricing_service.rules.store import SqlRuleStore, open_rule_store
-from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from pricing_testing.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration
 
