@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 import redis
 
-from bench.harness import redis_cpu_seconds
+from bench.harness import max_rss_kb, redis_cpu_seconds
 from pricing_service.config import Settings, load_settings
 from pricing_service.logging import configure_logging
 from pricing_service.membership.derive import Ttls, encode_write, snapshot_row
@@ -236,7 +235,7 @@ def main() -> None:
                 f"{pipe['rate']:,}/s, ratio {best / pipe['rate']:.3f}, same keys and fields: {same}",
                 flush=True,
             )
-        max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        max_rss_mb = max_rss_kb() / 1024
         mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the median round
         results = mid["results"]
         best_jobs = mid["best_jobs"]

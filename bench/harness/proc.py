@@ -5,7 +5,8 @@
   children (the load generator) / of this process;
 * :func:`core_times` / :func:`core_busy`: each core's busy share from ``/proc/stat``;
 * :func:`thread_times` / :func:`thread_delta`: per kind of thread, from ``/proc/<pid>/task``;
-* :func:`rss_kb`: a process's resident set from ``/proc/<pid>/status``;
+* :func:`rss_kb`: a process's resident set from ``/proc/<pid>/status``, :func:`max_rss_kb`
+  this process's largest;
 * :func:`redis_cpu_seconds`: a Redis server's own CPU from its ``INFO cpu`` section.
 """
 
@@ -129,6 +130,11 @@ def rss_kb(pid: int | str = "self") -> int:
     except OSError:
         pass
     return 0
+
+
+def max_rss_kb() -> int:
+    """The largest resident set size (kB) this process has had (``getrusage``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def redis_cpu_seconds(info: Mapping[str, Any]) -> float:
