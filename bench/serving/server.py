@@ -5,6 +5,7 @@ worker's peak (``--workers N > 1``) and the peaks of later rounds."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import (
@@ -22,19 +23,39 @@ from bench.serving.state import Run, ServerResult, paced_fractions
 from bench.serving_data import check_answer, verified_call
 
 
+@dataclass
+class StartedServer:
+    """A server under test, its ports, and what the harness reads of it."""
+
+    process: ServerProcess
+    port: int
+    stats: ServerStats
+    metrics_ports: list[int]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
 def start_server(
-    run: Run, runtime: str, log: Path, workers: int, port: int, metrics: int, cpus: str | None
-) -> ServerProcess:
+    run: Run, runtime: str, log: Path, workers: int, cpus: str | None
+) -> StartedServer:
+    """``python -m pricing_service serve --workers N`` on ``runtime``, on free ports (one
+    metrics port per worker)."""
+    port = free_port()
+    metrics_base = free_port_block(workers)
+    metrics_ports = [metrics_base + i for i in range(workers)]
     env = dict(run.env)
     env.update(
         {
             "PRICING_SERVER_RUNTIME": runtime,
             "PRICING_LISTEN": f"127.0.0.1:{port}",
-            "PRICING_METRICS_PORT": str(metrics),
+            "PRICING_METRICS_PORT": str(metrics_base),
         }
     )
     args = [sys.executable, "-m", "pricing_service", "serve", "--workers", str(workers)]
-    return ServerProcess(pinned(cpus, args), env, log)
+    stats = ServerStats(scrape=lambda: scrape(metrics_ports), redis_pid=run.redis_pid)
+    return StartedServer(ServerProcess(pinned(cpus, args), env, log), port, stats, metrics_ports)
 
 
 def measure_server(
@@ -44,14 +65,11 @@ def measure_server(
     (``label``: the name of a variant of the runtime's settings, for logs and reports)."""
     label = label or runtime
     a = run.args
-    port = free_port()
-    metrics_base = free_port_block(a.workers)
-    metrics_ports = [metrics_base + i for i in range(a.workers)]
-    stats = ServerStats(scrape=lambda: scrape(metrics_ports), redis_pid=run.redis_pid)
-    target = f"127.0.0.1:{port}"
     log = run.workdir / f"server-{label}.log"
     print(f"server on {label}: --workers {a.workers}, batch {a.batch}", flush=True)
-    server = start_server(run, runtime, log, a.workers, port, metrics_base, run.server_cpus)
+    started = start_server(run, runtime, log, a.workers, run.server_cpus)
+    server, port, stats, target = started.process, started.port, started.stats, started.target
+    metrics_ports = started.metrics_ports
     h = run.harness
     paced = scaling = None
     try:
@@ -125,38 +143,29 @@ def _sums(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, float]:
 def one_worker_peak(run: Run, runtime: str) -> Point:
     """With ``--workers N > 1``: one worker's peak under the same (un)pinning, for the CPU per
     request comparison."""
-    port = free_port()
-    metrics = free_port()
-    stats = ServerStats(scrape=lambda: scrape([metrics]), redis_pid=run.redis_pid)
     log = run.workdir / f"server-{runtime}-1worker.log"
-    server = start_server(run, runtime, log, 1, port, metrics, None)
+    return _peak(run, start_server(run, runtime, log, 1, None), f"1 worker/{runtime}")
+
+
+def server_peak_again(run: Run, runtime: str, r: int) -> Point:
+    """``--rounds``: the server's closed-loop peak again, in round ``r``."""
+    log = run.workdir / f"server-{runtime}-round{r}.log"
+    started = start_server(run, runtime, log, run.args.workers, run.server_cpus)
+    point = _peak(run, started, f"server/{runtime}")
+    if point.failed or point.degraded:
+        run.problems.append(f"round {r} ({runtime}): errors or degraded answers under load")
+    return point
+
+
+def _peak(run: Run, started: StartedServer, name: str) -> Point:
+    """One verified closed-loop peak of a started server, which is stopped afterwards."""
+    batch = run.args.batch
     try:
-        verified_call(
-            f"127.0.0.1:{port}", run.requests[run.args.batch], run.expected[run.args.batch]
-        )
+        verified_call(started.target, run.requests[batch], run.expected[batch])
         point = run.harness.run(
-            server, stats, f"1 worker/{runtime}", port, run.bodies[run.args.batch], None
+            started.process, started.stats, name, started.port, run.bodies[batch], None
         )
         report(point)
         return point
     finally:
-        server.stop()
-
-
-def server_peak_again(run: Run, runtime: str, r: int) -> Point:
-    a = run.args
-    port = free_port()
-    metrics_base = free_port_block(a.workers)
-    ports = [metrics_base + i for i in range(a.workers)]
-    stats = ServerStats(scrape=lambda: scrape(ports), redis_pid=run.redis_pid)
-    log = run.workdir / f"server-{runtime}-round{r}.log"
-    server = start_server(run, runtime, log, a.workers, port, metrics_base, run.server_cpus)
-    try:
-        verified_call(f"127.0.0.1:{port}", run.requests[a.batch], run.expected[a.batch])
-        point = run.harness.run(server, stats, f"server/{runtime}", port, run.bodies[a.batch], None)
-        report(point)
-    finally:
-        server.stop()
-    if point.failed or point.degraded:
-        run.problems.append(f"round {r} ({runtime}): errors or degraded answers under load")
-    return point
+        started.process.stop()
