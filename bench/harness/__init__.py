@@ -41,6 +41,7 @@ from bench.harness.servers import (
     count_log_lines,
     free_port,
     free_port_block,
+    pin_running,
     pinned,
 )
 from bench.harness.stats import bucket_quantile, median, percentile
@@ -66,6 +67,7 @@ __all__ = [
     "max_rss_kb",
     "median",
     "percentile",
+    "pin_running",
     "pinned",
     "plot",
     "redis_cpu_seconds",

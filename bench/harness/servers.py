@@ -18,8 +18,14 @@ __all__ = [
     "count_log_lines",
     "free_port",
     "free_port_block",
+    "pin_running",
     "pinned",
 ]
+
+
+def pin_running(pid: int, cpus: str) -> None:
+    """Move a running process, every thread of it, to the CPUs ``cpus`` (taskset)."""
+    subprocess.run(["taskset", "-a", "-pc", cpus, str(pid)], check=True, capture_output=True)
 
 
 def pinned(cpus: str | None, args: list[str]) -> list[str]:

@@ -41,12 +41,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.harness import pin_running
 from bench.serving.echo import measure_echoes, measure_floor
 from bench.serving.prepare import new_run, prepare
 from bench.serving.report import otel_figures, plot_run, summarise
@@ -184,9 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         if pin and redis.proc is not None:
-            subprocess.run(
-                ["taskset", "-a", "-pc", "0", str(redis.proc.pid)], check=True, capture_output=True
-            )
+            pin_running(redis.proc.pid, "0")
         result = run(
             args,
             runtimes,
