@@ -8,5 +8,7 @@ locations (:mod:`.rule_stores`), an OTLP/HTTP receiver (:mod:`.otlp`), the seed 
 layout (:mod:`.legacy_layout`) and the mixed load with its model (:mod:`.load`).
 
 Never imported by ``pricing_service`` or ``sync_worker`` (``scripts/check_structure.py`` checks
-it); it imports them, and nothing from ``tests`` or ``bench``.
+it); it imports them, and nothing from ``tests`` or ``bench``. Beyond the service's own
+dependencies it needs the ``dev`` extra's ``cryptography`` (:mod:`.certs`) and
+``opentelemetry-proto`` (:mod:`.otlp`); the image (``Dockerfile``) does not ship it.
 """
