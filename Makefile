@@ -9,7 +9,7 @@ K8S_VERSION ?= 1.30.0
 K8S_FILES := deploy/kubernetes/config.yaml deploy/kubernetes/server.yaml \
 	deploy/kubernetes/worker.yaml deploy/kubernetes/snapshot-cronjob.yaml
 
-.PHONY: run test deps lint typecheck protos check-protos breaking check-deploy currencies pytest install clean services-down bench
+.PHONY: run test deps lint typecheck structure protos check-protos breaking check-deploy currencies pytest install clean services-down bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) scripts/demo.py
 
-## Install the system packages the suite needs (where apt is), lint, type-check, check generated
-## code, the contract and the deployment files, and run the whole test suite on real services.
-test: deps lint typecheck check-protos breaking check-deploy pytest
+## Install the system packages the suite needs (where apt is), lint, type-check, check the
+## import structure, generated code, the contract and the deployment files, and run the whole
+## test suite on real services.
+test: deps lint typecheck structure check-protos breaking check-deploy pytest
 
 ## System packages (scripts/install_test_deps.sh: the README lists them).
 deps:
@@ -39,6 +40,11 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+## The import graph: no cycle (function-local imports too), pricing_service's layers, no
+## forbidden import, no module over 500 lines without a reason (scripts/check_structure.py).
+structure: $(STAMP)
+	$(PY) scripts/check_structure.py
 
 protos: $(STAMP)
 	PYTHON=$(PY) scripts/gen_protos.sh

@@ -3,7 +3,7 @@
     python -m bench.cluster [--seconds 5] [--events 30000] [--buyers 20000]
 
 Starts a private redis-server and a private local cluster (3 masters + 3 replicas,
-``tests.support.redis_cluster``); never touches the shared Redis. In-process, one Python
+``pricing_testing.redis_cluster``); never touches the shared Redis. In-process, one Python
 process (one core at most):
 
 1. lookups: ``MembershipStore.member_crowds`` (one HMGET of 10 crowds per page, the
@@ -24,34 +24,23 @@ import asyncio
 import json
 import os
 import random
-import resource
 import time
-from collections.abc import Sequence
 from typing import Any
 
+from bench.harness import percentile, self_cpu_seconds
 from pricing_service.config import Settings, load_settings
 from pricing_service.domain import Crowd, CrowdKind, SystemClock
 from pricing_service.membership import derive
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import make_redis
+from pricing_testing.redis_cluster import RedisCluster
+from pricing_testing.redis_server import RedisServer
 from sync_worker.consumer import StreamConsumer
 from sync_worker.events import make_event
 from sync_worker.partitions import PartitionedConsumer, PartitionedPublisher
-from tests.support.redis_cluster import RedisCluster
-from tests.support.redis_server import RedisServer
 
 TTLS = derive.Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))] if s else float("nan")
-
-
-def cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 async def seed(store: MembershipStore, buyers: int) -> None:
@@ -86,14 +75,14 @@ async def lookups(settings: Settings, buyers: int, seconds: float) -> dict[str, 
             lat.append(time.perf_counter() - t)
             done += 1
 
-    c0, t0 = cpu_s(), time.monotonic()
+    c0, t0 = self_cpu_seconds(), time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(64)))
-    wall, cpu = time.monotonic() - t0, cpu_s() - c0
+    wall, cpu = time.monotonic() - t0, self_cpu_seconds() - c0
     await client.aclose()
     return {
         "pages_per_s": round(done / wall),
-        "p50_ms": round(pct(lat, 50) * 1000, 2),
-        "p99_ms": round(pct(lat, 99) * 1000, 2),
+        "p50_ms": round(percentile(lat, 50) * 1000, 2),
+        "p99_ms": round(percentile(lat, 99) * 1000, 2),
         "python_cpu_us_per_page": round(cpu / max(done, 1) * 1e6, 1),
     }
 
@@ -121,13 +110,13 @@ async def drain(settings: Settings, events: int) -> dict[str, Any]:
     else:
         consumer = StreamConsumer(settings, consumer_name="bench")
         loops = [consumer]
-    c0, t0 = cpu_s(), time.monotonic()
+    c0, t0 = self_cpu_seconds(), time.monotonic()
     task = asyncio.create_task(consumer.run())
     while sum(c.stats.entries for c in loops) < events:
         await asyncio.sleep(0.02)
         if task.done():
             task.result()
-    wall, cpu = time.monotonic() - t0, cpu_s() - c0
+    wall, cpu = time.monotonic() - t0, self_cpu_seconds() - c0
     consumer.shutdown()
     await task
     await consumer.redis.aclose()

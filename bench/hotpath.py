@@ -37,7 +37,7 @@ from bench.serving import (
     page,
     request_bytes,
 )
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 
 class _Context:

@@ -7,7 +7,7 @@ after the other into an empty Redis, and measures ``used_memory`` each time:
 
 1. **today's layout before issue 14** (one record per crowd: all_fans, old_fans when followed
    30+ days before the cut, purchased_fans when the count is 1+), written by main's own write
-   script (``tests.support.legacy_layout``);
+   script (``pricing_testing.legacy_layout``);
 2. **the fact layout** (one fact field per relation), written by the sync worker's snapshot
    path (``SnapshotEncoder`` + ``MembershipStore.apply_args``);
 3. the seed layout of issue 3 (``SET <user>_<crowd> 1 PX <ttl>`` per record), for reference;
@@ -39,9 +39,9 @@ from pricing_service.membership import derive
 from pricing_service.membership.derive import DAY_MS, SnapshotEncoder, Ttls
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
+from pricing_testing import legacy_layout
+from pricing_testing.redis_server import RedisServer
 from sync_worker.snapshot_gen import realistic_rows
-from tests.support import legacy_layout
-from tests.support.redis_server import RedisServer
 
 TTLS = Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
 Row = tuple[str, str, int, int]  # user, seller, followed_at, purchase_count

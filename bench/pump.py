@@ -28,17 +28,16 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Harness
+from bench.harness import Harness, pin_running
 from bench.serving import Run, measure_server, prepare
 from bench.serving_data import METHOD, NAMESPACE, catalog
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 VARIANTS: dict[str, dict[str, str]] = {
     "thread": {"PRICING_NATIVE_PUMP": "thread", "PRICING_NATIVE_IO_POLICY": "normal"},
@@ -70,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     try:
         assert redis.proc is not None
-        subprocess.run(["taskset", "-a", "-pc", "0", str(redis.proc.pid)], check=True,
-                       capture_output=True)  # fmt: skip
+        pin_running(redis.proc.pid, "0")
         from pricing_service.config import load_settings  # noqa: PLC0415
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRICING_")}

@@ -31,7 +31,8 @@ import subprocess
 import sys
 import time
 
-from bench.rules import DEFAULT_PG, percentile, rule, store_location
+from bench.harness import percentile, rss_kb
+from bench.rules import DEFAULT_PG, rule, store_location
 from pricing_service.config import load_settings
 from pricing_service.domain import SystemClock
 from pricing_service.logging import configure_logging
@@ -42,11 +43,7 @@ PAGE = 20
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return rss_kb() / 1024
 
 
 async def populate(url: str, items: int) -> float:

@@ -27,48 +27,31 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import quote
 
+from bench.harness import percentile
 from pricing_service.config import load_settings
 from pricing_service.domain import CrowdKind, Money, Rule, SystemClock
 from pricing_service.logging import configure_logging
 from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
 from pricing_service.rules.store import RuleChange
+from pricing_testing.rule_stores import pg_schema, sqlite_url
 
 DEFAULT_PG = os.environ.get("PRICING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TARGET_P99_MS = 1000.0
 KINDS = (CrowdKind.ALL_FANS, CrowdKind.OLD_FANS, CrowdKind.PURCHASED_FANS)
 
 
-def percentile(values: Sequence[float], p: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
 @contextlib.contextmanager
 def store_location(kind: str, pg_url: str) -> Iterator[str]:
     if kind == "sqlite":
         with tempfile.TemporaryDirectory(prefix="bench-rules-") as d:
-            yield f"sqlite:///{Path(d) / 'rules.db'}"
+            yield sqlite_url(Path(d))
         return
-    import psycopg  # noqa: PLC0415
-
-    schema = f"bench_rules_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        sep = "&" if "?" in pg_url else "?"
-        yield f"{pg_url}{sep}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    with pg_schema(pg_url, prefix="bench_rules_") as url:
+        yield url
 
 
 def rule(n: int, amount: int) -> Rule:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import tempfile
@@ -32,17 +31,18 @@ from typing import Any
 
 import redis
 
+from bench.harness import max_rss_kb, redis_cpu_seconds
 from pricing_service.config import Settings, load_settings
 from pricing_service.logging import configure_logging
 from pricing_service.membership.derive import Ttls, encode_write, snapshot_row
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import make_redis
 from pricing_service.redis_pipe import encode_command
+from pricing_testing.redis_server import RedisServer
 from sync_worker.common import parse_rfc3339_ms
 from sync_worker.parallel import load_parallel
 from sync_worker.snapshot import SnapshotLoader
 from sync_worker.snapshot_gen import realistic_rows, write_snapshot
-from tests.support.redis_server import RedisServer
 
 NS = "bench:"
 
@@ -99,7 +99,7 @@ def redis_cpu_s(url: str) -> float:
     c = redis.Redis.from_url(url)
     info = c.info("cpu")
     c.close()
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return redis_cpu_seconds(info)
 
 
 def flush(url: str) -> None:
@@ -235,7 +235,7 @@ def main() -> None:
                 f"{pipe['rate']:,}/s, ratio {best / pipe['rate']:.3f}, same keys and fields: {same}",
                 flush=True,
             )
-        max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        max_rss_mb = max_rss_kb() / 1024
         mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]  # the median round
         results = mid["results"]
         best_jobs = mid["best_jobs"]

@@ -4,7 +4,7 @@
 
 Starts its own private redis-server (AOF everysec), a SQLite rule store, ``pricing-service
 serve`` and ``sync-worker consume``, then for N minutes runs the load of the fault suite
-(tests/support/load.py): BatchGetLowestPrice pages, CheckDiscountStrict checks, admin rule
+(pricing_testing/load/): BatchGetLowestPrice pages, CheckDiscountStrict checks, admin rule
 upserts, follow/unfollow/purchase events on the stream, unfollows of fans spread over the run,
 and once a minute a snapshot load (``sync-worker load-snapshot``, 20k rows). Every answer is
 checked against the load's model as it comes (violations are counted), and at the end the
@@ -29,35 +29,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sync_worker.snapshot_gen import SnapshotRow, write_snapshot
-from tests.support.load import Call, Load, LoadConfig, Population
-from tests.support.procs import (
+from bench.harness import percentile, rss_kb
+from pricing_testing.load import Call, Load, LoadConfig, Population
+from pricing_testing.procs import (
     pricing_service,
     run_sync_worker,
     service_env,
     sync_worker,
     wait_serving,
 )
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
+from sync_worker.snapshot_gen import SnapshotRow, write_snapshot
 
 SNAPSHOT_ROWS = 20_000
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def minute_stats(calls: list[Call]) -> dict[str, Any]:
@@ -68,8 +52,8 @@ def minute_stats(calls: list[Call]) -> dict[str, Any]:
         out[method] = {
             "calls": len(mine),
             "errors": dict(Counter(c.code for c in mine if c.code != "OK")),
-            "p50_ms": round(pct(lat, 0.50), 2),
-            "p99_ms": round(pct(lat, 0.99), 2),
+            "p50_ms": round(percentile(lat, 50), 2),
+            "p99_ms": round(percentile(lat, 99), 2),
             "degraded": sum(c.degraded for c in mine),
         }
     return out

@@ -38,10 +38,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from bench.harness import cpu_seconds, percentile, redis_cpu_seconds
 from pricing_service.membership.layout import MembershipLayout
+from pricing_testing.redis_server import RedisServer
 from sync_worker.events import FOLLOW, UNFOLLOW, make_event
 from sync_worker.partitions import PartitionedPublisher
-from tests.support.redis_server import RedisServer
 
 NS = "bench:"
 STREAM = f"{NS}events"
@@ -49,22 +50,9 @@ GROUP = "pricing-sync"  # the consumers' default PRICING_CONSUMER_GROUP
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pct(values: Sequence[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def redis_cpu_s(r: aioredis.Redis) -> float:
     info: Any = await r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return redis_cpu_seconds(info)
 
 
 def start_consumer(url: str, partitions: int, name: str) -> subprocess.Popen[bytes]:
@@ -166,7 +154,7 @@ async def throughput(url: str, n: int, partitions: int, workers: int) -> dict[st
                 stats0 = await command_usec(r)
             if t_first is not None and len(cpu0) < workers:
                 for name in await group_members(r, streams) - cpu0.keys():
-                    cpu0[name] = proc_cpu_s(procs[name].pid)
+                    cpu0[name] = cpu_seconds([procs[name].pid])
             if all(
                 got >= size and pending == 0 and lag == 0
                 for (got, pending, lag), size in zip(states, sizes, strict=True)
@@ -174,7 +162,7 @@ async def throughput(url: str, n: int, partitions: int, workers: int) -> dict[st
                 t_end = now_p
                 # a worker that never read in the interval counts 0 (its start-up is excluded)
                 cpu_s = sum(
-                    proc_cpu_s(p.pid) - cpu0.get(name, proc_cpu_s(p.pid))
+                    cpu_seconds([p.pid]) - cpu0.get(name, cpu_seconds([p.pid]))
                     for name, p in procs.items()
                 )
                 cpu_us = cpu_s / max(n - read_first, 1) * 1e6
@@ -290,18 +278,18 @@ async def visibility(url: str, rate: int, seconds: float, partitions: int) -> di
     await check.aclose()
     print(
         f"visibility at {achieved:,.0f} events/s offered ({len(latencies)} samples): "
-        f"p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms, "
-        f"max {max(latencies):.1f} ms; watermark lag p50 {pct(lags, 50):.0f} ms, "
-        f"p99 {pct(lags, 99):.0f} ms"
+        f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
+        f"max {max(latencies):.1f} ms; watermark lag p50 {percentile(lags, 50):.0f} ms, "
+        f"p99 {percentile(lags, 99):.0f} ms"
     )
     return {
-        "visibility_p50_ms": round(pct(latencies, 50), 1),
-        "visibility_p99_ms": round(pct(latencies, 99), 1),
+        "visibility_p50_ms": round(percentile(latencies, 50), 1),
+        "visibility_p99_ms": round(percentile(latencies, 99), 1),
         "visibility_max_ms": round(max(latencies), 1),
         "visibility_samples": len(latencies),
         "offered_events_per_s": round(achieved),
-        "watermark_lag_p50_ms": pct([float(x) for x in lags], 50),
-        "watermark_lag_p99_ms": pct([float(x) for x in lags], 99),
+        "watermark_lag_p50_ms": percentile([float(x) for x in lags], 50),
+        "watermark_lag_p99_ms": percentile([float(x) for x in lags], 99),
     }
 
 

@@ -1,10 +1,13 @@
-"""The id rule shared by the server and the sync worker (no I/O, no imports).
+"""The id rule shared by the server and the sync worker (no I/O).
 
 An id (buyer, seller, item, crowd, event source) is non-empty, at most ``max_len`` characters
-and printable (no control characters). :func:`id_problem` names what is wrong with one.
+and printable (no control characters). :func:`id_problem` names what is wrong with one;
+:func:`require_id` refuses it as a request's field (``INVALID_ARGUMENT`` naming the field).
 """
 
 from __future__ import annotations
+
+from pricing_service.errors import InvalidArgumentError
 
 
 def id_problem(value: str, max_len: int) -> str | None:
@@ -17,3 +20,15 @@ def id_problem(value: str, max_len: int) -> str | None:
     if not value.isprintable():
         return "INVALID_ID"
     return None
+
+
+def require_id(value: str, field: str, max_len: int) -> str:
+    """A non-empty, bounded id without control characters (:func:`id_problem`)."""
+    problem = id_problem(value, max_len)
+    if problem is None:
+        return value
+    if problem == "MISSING_ID":
+        raise InvalidArgumentError.field(field, "must not be empty", problem)
+    if problem == "ID_TOO_LONG":
+        raise InvalidArgumentError.field(field, f"longer than {max_len} characters", problem)
+    raise InvalidArgumentError.field(field, "must not contain control characters", problem)

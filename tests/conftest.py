@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 REDIS_URL = os.environ.get("PRICING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("PRICING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -39,7 +39,7 @@ def service_missing(what: str, why: object) -> None:
 @pytest.fixture(params=SERVER_RUNTIMES)
 def server_runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The server runtime of this test: set in the environment, where ``load_settings`` (in
-    process) and ``tests.support.procs.service_env`` (child processes) read it."""
+    process) and ``pricing_testing.procs.service_env`` (child processes) read it."""
     runtime: str = request.param
     monkeypatch.setenv("PRICING_SERVER_RUNTIME", runtime)
     return runtime

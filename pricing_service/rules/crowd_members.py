@@ -21,9 +21,9 @@ from pricing_service.errors import (
     InvalidArgumentError,
     UnavailableError,
 )
+from pricing_service.ids import require_id
 from pricing_service.membership.derive import Ttls, list_change
 from pricing_service.membership.writer import MembershipWriter
-from pricing_service.servicers.convert import require_id
 
 #: Violations listed in one refusal, at most.
 MAX_VIOLATIONS = 100

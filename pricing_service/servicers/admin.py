@@ -22,6 +22,7 @@ from pricing_service.config import Settings
 from pricing_service.crowds import CrowdDef
 from pricing_service.domain import Clock, Rule
 from pricing_service.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
+from pricing_service.ids import require_id
 from pricing_service.membership.derive import Ttls
 from pricing_service.membership.writer import MembershipWriter
 from pricing_service.rules.crowd_members import member_changes, update_members
@@ -30,7 +31,6 @@ from pricing_service.rules.validation import BatchIn, CrowdIn, RuleIn, validate
 from pricing_service.servicers.convert import (
     money_to_proto,
     ms_to_timestamp,
-    require_id,
     timestamp_to_ms,
 )
 

@@ -10,19 +10,6 @@ from pricing.v1 import common_pb2, pricing_pb2
 from pricing_service.currency import MAX_AMOUNT_MINOR, is_known
 from pricing_service.domain import Money
 from pricing_service.errors import InvalidArgumentError
-from pricing_service.ids import id_problem
-
-
-def require_id(value: str, field: str, max_len: int) -> str:
-    """A non-empty, bounded id without control characters (:func:`~pricing_service.ids.id_problem`)."""
-    problem = id_problem(value, max_len)
-    if problem is None:
-        return value
-    if problem == "MISSING_ID":
-        raise InvalidArgumentError.field(field, "must not be empty", problem)
-    if problem == "ID_TOO_LONG":
-        raise InvalidArgumentError.field(field, f"longer than {max_len} characters", problem)
-    raise InvalidArgumentError.field(field, "must not contain control characters", problem)
 
 
 def money_from_proto(m: common_pb2.Money, field: str, *, allow_zero: bool) -> Money:

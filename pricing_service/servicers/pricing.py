@@ -10,6 +10,7 @@ from pricing_service.currency import MAX_AMOUNT_MINOR, is_known
 from pricing_service.domain import Money
 from pricing_service.engine import Decision
 from pricing_service.errors import InvalidArgumentError
+from pricing_service.ids import require_id
 from pricing_service.pricing import PriceQuery, PricingCore
 from pricing_service.servicers.convert import (
     batch_response_bytes,
@@ -17,7 +18,6 @@ from pricing_service.servicers.convert import (
     money_to_proto,
     ms_to_timestamp,
     price_entry,
-    require_id,
 )
 
 

@@ -26,11 +26,12 @@ from typing import Self
 
 import pytest
 
+from pricing_testing.load import Call, Load, LoadConfig, Population
+from pricing_testing.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
+from pricing_testing.redis_cluster import RedisCluster
+from pricing_testing.redis_server import RedisServer, free_port
 from tests.conftest import service_missing
-from tests.support.load import Call, Load, LoadConfig, Population
-from tests.support.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
-from tests.support.redis_cluster import RedisCluster, running_cluster
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.clusters import running_cluster
 
 STRICT_MAX_LAG_MS = 1000
 

@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from pricing_testing.load import PUBLISH_ERRORS, Load
+from pricing_testing.redis_cluster import keyslot
 from tests.fault.conftest import (
     ClusterSystem,
     Deployment,
@@ -36,8 +38,6 @@ from tests.fault.conftest import (
     started,
     unrecovered,
 )
-from tests.support.load import PUBLISH_ERRORS, Load
-from tests.support.redis_cluster import keyslot
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.fault, pytest.mark.usefixtures("server_runtime")]

@@ -1,5 +1,5 @@
 """Fault injection: each fault strikes the real processes while load runs, then the final state
-is checked against the model (tests/support/load.py).
+is checked against the model (pricing_testing/load/).
 
 Pass means, for every fault: BatchGetLowestPrice kept answering within its deadline (degraded
 where it must), CheckDiscountStrict never answered ELIGIBLE wrongly and refused (UNAVAILABLE)
@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
+from pricing_testing.load import ITEM, Load
 from tests.fault.conftest import (
     FAULT_ENV,
     STRICT_MAX_LAG_MS,
@@ -36,7 +37,6 @@ from tests.fault.conftest import (
     now_ms,
     wait_recovered,
 )
-from tests.support.load import ITEM, Load
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.fault, pytest.mark.usefixtures("server_runtime")]
@@ -249,7 +249,7 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
     load.start()
     await asyncio.sleep(0.5)
     env = dict(system.env, PRICING_SNAPSHOT_BATCH_ROWS="500")
-    from tests.support.procs import run_sync_worker, sync_worker  # noqa: PLC0415
+    from pricing_testing.procs import run_sync_worker, sync_worker  # noqa: PLC0415
 
     # The loader is frozen (SIGSTOP) once a few batches are in, by a poller process of its own:
     # a thread here shares the GIL with the busy load and could see the checkpoints too late,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
+from pricing_testing.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pricing_service.metrics import Metrics
 from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.sql_store import SqlRuleStore
 from pricing_service.servicers.admin import DiscountAdminServicer
-from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from pricing_testing.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 from tests.support.status import status_details
 
 pytestmark = pytest.mark.integration

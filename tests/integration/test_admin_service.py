@@ -24,7 +24,7 @@ from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.sql_store import SqlRuleStore
 from pricing_service.runtime import RuntimeServer
 from pricing_service.servicers.admin import DiscountAdminServicer
-from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from pricing_testing.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 from tests.support.serve import serve
 from tests.support.status import status_details
 

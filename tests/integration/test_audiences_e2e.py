@@ -24,8 +24,8 @@ import grpc
 import pytest
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing_testing.procs import Proc, run_sync_worker
 from tests.integration.test_end_to_end import ADMIN, money, rfc3339, write_snapshot
-from tests.support.procs import Proc, run_sync_worker
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ from pricing.v1 import admin_pb2, common_pb2, pricing_pb2
 from pricing_service.domain import ManualClock, SystemClock
 from pricing_service.membership import derive
 from pricing_service.membership.layout import LAYOUT_VERSION
+from pricing_testing.redis_server import RedisServer
 from tests.integration.test_serving import ADMIN, Harness, money, start_harness, stop_harness
-from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 DAY = 86_400_000

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.certs import CertFiles, make_certs
-from tests.support.procs import Proc, pricing_service, service_env, wait_serving
-from tests.support.redis_server import free_port
+from pricing_testing.certs import CertFiles, make_certs
+from pricing_testing.procs import Proc, pricing_service, service_env, wait_serving
+from pricing_testing.redis_server import free_port
 
 pytestmark = pytest.mark.integration
 

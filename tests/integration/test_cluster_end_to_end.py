@@ -35,9 +35,7 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.redis_client import make_redis
 from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
-from sync_worker.events import make_event
-from sync_worker.partitions import PartitionedPublisher, partition_of
-from tests.support.procs import (
+from pricing_testing.procs import (
     Proc,
     pricing_service,
     run_sync_worker,
@@ -45,9 +43,12 @@ from tests.support.procs import (
     sync_worker,
     wait_serving,
 )
-from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
+from pricing_testing.redis_cluster import RedisCluster, keyslot
+from pricing_testing.rule_stores import pg_schema
+from sync_worker.events import make_event
+from sync_worker.partitions import PartitionedPublisher, partition_of
+from tests.support.clusters import running_cluster
 from tests.support.rpcs import strict_verdict, upsert_fan_rule
-from tests.support.rule_stores import pg_schema
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]

@@ -1,6 +1,6 @@
 """Membership, the sync consumer and WAIT on a real Redis Cluster (3 masters + 3 replicas).
 
-The cluster is this module's own (``tests.support.redis_cluster``): tests that move slots,
+The cluster is this module's own (``pricing_testing.redis_cluster``): tests that move slots,
 fail over or kill nodes leave it with three masters serving every slot and every master with
 a replica in sync, for the next test.
 """
@@ -31,6 +31,8 @@ from pricing_service.redis_client import (
 )
 from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
+from pricing_testing.redis_cluster import RedisCluster, keyslot
+from pricing_testing.redis_server import free_port
 from sync_worker.claims import claim_key, load_claiming
 from sync_worker.common import format_rfc3339_ms
 from sync_worker.consumer import StreamConsumer
@@ -42,8 +44,7 @@ from sync_worker.partitions import (
     partition_streams,
 )
 from sync_worker.snapshot import SnapshotLoader, snapshot_id
-from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
-from tests.support.redis_server import free_port
+from tests.support.clusters import running_cluster
 
 pytestmark = pytest.mark.integration
 

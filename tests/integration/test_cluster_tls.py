@@ -2,7 +2,7 @@
 
 Every node listens on TLS only (``--port 0 --tls-port``), replicates and talks on the cluster
 bus over TLS, and requires a client certificate signed by the test CA (certificates made by
-``tests.support.certs``). The service's client gets the CA and its certificate from the same
+``pricing_testing.certs``). The service's client gets the CA and its certificate from the same
 ``PRICING_REDIS_TLS_*`` settings as ``rediss://``.
 """
 
@@ -30,8 +30,8 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import is_cluster, make_redis, parse_cluster_url
 from pricing_service.replica_acks import ReplicaAcks
-from tests.support.certs import CertFiles, make_certs
-from tests.support.procs import (
+from pricing_testing.certs import CertFiles, make_certs
+from pricing_testing.procs import (
     Proc,
     pricing_service,
     run_sync_worker,
@@ -39,7 +39,8 @@ from tests.support.procs import (
     sync_worker,
     wait_serving,
 )
-from tests.support.redis_cluster import RedisCluster, keyslot, running_cluster
+from pricing_testing.redis_cluster import RedisCluster, keyslot
+from tests.support.clusters import running_cluster
 from tests.support.rpcs import strict_verdict, upsert_fan_rule
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import pytest
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.config import load_settings
 from pricing_service.server import PricingServer
-from tests.support.procs import pricing_service, service_env
+from pricing_testing.procs import pricing_service, service_env
 from tests.support.status import status_details
 
 pytestmark = pytest.mark.integration

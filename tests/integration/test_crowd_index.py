@@ -10,7 +10,7 @@ import pytest
 from pricing_service.crowds import CrowdDef, Predicate
 from pricing_service.rules.crowd_index import CrowdIndex
 from pricing_service.rules.factory import open_rule_store
-from tests.support.rule_stores import settings_for, sqlite_url
+from pricing_testing.rule_stores import settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration
 

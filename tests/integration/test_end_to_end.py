@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, pricing_pb2_grpc
-from tests.support.procs import Proc, run_sync_worker
+from pricing_testing.procs import Proc, run_sync_worker
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]

@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing_testing.redis_server import RedisServer, free_port
 from tests.support import image
-from tests.support.redis_server import RedisServer, free_port
 from tests.support.rpcs import upsert_fan_rule
 
 pytestmark = [pytest.mark.integration, pytest.mark.image]

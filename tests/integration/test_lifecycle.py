@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
-from tests.support.procs import pricing_service, service_env, wait_serving
-from tests.support.redis_server import RedisServer
+from pricing_testing.procs import pricing_service, service_env, wait_serving
+from pricing_testing.redis_server import RedisServer
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("server_runtime")]

@@ -1,6 +1,6 @@
 """Moving a loaded Redis from the layout before issue 14 to facts, without a wrong price.
 
-A Redis is loaded by main's own write script (``tests.support.legacy_layout``): a realistic
+A Redis is loaded by main's own write script (``pricing_testing.legacy_layout``): a realistic
 snapshot and a stream of follow / unfollow / purchase events after it. Every buyer's answer for
 the three built-in crowds is computed the way the old readers did (a live member record and a
 live all_fans record). Then, against that Redis:
@@ -29,9 +29,9 @@ from pricing_service.membership import derive
 from pricing_service.membership.derive import DAY_MS, Ttls
 from pricing_service.membership.layout import LayoutError, MembershipLayout, Record
 from pricing_service.membership.store import MembershipStore
+from pricing_testing import legacy_layout
 from sync_worker.lists import migrate_membership
 from sync_worker.snapshot_gen import realistic_rows
-from tests.support import legacy_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

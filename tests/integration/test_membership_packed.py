@@ -17,7 +17,7 @@ from pricing_service.membership.derive import FactWrite, MembershipWrite, Snapsh
 from pricing_service.membership.layout import Facts, Follow, MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.membership.writer import group_writes
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

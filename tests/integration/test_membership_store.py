@@ -18,7 +18,7 @@ from pricing_service.membership.derive import FactWrite, MembershipWrite, Ttls
 from pricing_service.membership.layout import EPOCH_MS, Facts, Follow, MembershipLayout, Purchases
 from pricing_service.membership.store import MembershipStore
 from pricing_service.metrics import Metrics
-from tests.support.redis_server import RedisServer
+from pricing_testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 

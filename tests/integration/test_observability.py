@@ -16,9 +16,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
-from tests.support.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
+from pricing_testing.procs import Proc, pricing_service, service_env, sync_worker, wait_serving
+from pricing_testing.redis_server import free_port
 from tests.support.promql import metric_names
-from tests.support.redis_server import free_port
 from tests.support.rpcs import upsert_fan_rule
 
 pytestmark = pytest.mark.integration

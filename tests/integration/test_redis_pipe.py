@@ -20,8 +20,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pricing_service.config import load_settings
 from pricing_service.redis_client import make_redis
 from pricing_service.redis_pipe import PipelinedReader, encode_command
-from tests.support.certs import make_certs
-from tests.support.redis_server import RedisServer
+from pricing_testing.certs import make_certs
+from pricing_testing.redis_server import RedisServer
 
 
 def test_encode_command_is_resp() -> None:

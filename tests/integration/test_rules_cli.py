@@ -17,7 +17,7 @@ from pricing_service.errors import FailedPreconditionError, InvalidArgumentError
 from pricing_service.rules import cli
 from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.migrations import LATEST_VERSION
-from tests.support.rule_stores import settings_for, sqlite_url
+from pricing_testing.rule_stores import settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration
 

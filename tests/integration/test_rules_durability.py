@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pricing_service.rules.factory import open_rule_store
-from tests.support.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
+from pricing_testing.rule_stores import BACKENDS, pg_schema, settings_for, sqlite_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 

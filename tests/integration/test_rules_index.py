@@ -13,7 +13,7 @@ from pricing_service.domain import CrowdKind, ManualClock, Money, Rule, SystemCl
 from pricing_service.metrics import Metrics
 from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.index import RuleIndex
-from tests.support.rule_stores import pg_schema, settings_for, sqlite_url
+from pricing_testing.rule_stores import pg_schema, settings_for, sqlite_url
 
 pytestmark = pytest.mark.integration
 

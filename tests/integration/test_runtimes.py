@@ -26,9 +26,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
+from pricing_testing.procs import Proc, pricing_service, service_env, wait_serving
+from pricing_testing.redis_server import RedisServer
 from tests.conftest import REQUIRE
-from tests.support.procs import Proc, pricing_service, service_env, wait_serving
-from tests.support.redis_server import RedisServer
 from tests.support.rpcs import upsert_fan_rule
 from tests.support.status import status_details
 

@@ -28,7 +28,7 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import make_redis
 from pricing_service.server import PricingServer
-from tests.support.redis_server import RedisServer, free_port
+from pricing_testing.redis_server import RedisServer, free_port
 from tests.support.status import status_details
 
 # every test starts a server: on each server runtime (tests.conftest.server_runtime)

@@ -450,7 +450,7 @@ async def test_redis_restarted_during_a_load_then_the_load_completes(
 ) -> None:
     """A private redis-server (AOF on) is stopped mid-load and started again: the loader retries
     the batch in hand with backoff and finishes; the result equals the model."""
-    from tests.support.redis_server import RedisServer, free_port  # noqa: PLC0415
+    from pricing_testing.redis_server import RedisServer, free_port  # noqa: PLC0415
 
     server = RedisServer(free_port(), extra_args=["--appendonly", "yes", "--appendfsync", "always"])
     try:

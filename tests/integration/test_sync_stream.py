@@ -21,6 +21,7 @@ from pricing_service.config import Settings, load_settings
 from pricing_service.domain import SystemClock
 from pricing_service.membership.derive import Ttls
 from pricing_service.membership.layout import EPOCH_MS, MembershipLayout
+from pricing_testing.redis_server import RedisServer, free_port
 from sync_worker.consumer import StreamConsumer, id_ms
 from sync_worker.events import (
     EVENT_FIELD,
@@ -32,7 +33,6 @@ from sync_worker.events import (
     make_event,
 )
 from tests.integration.test_sync_model import Model, cli, cli_env, popen, redis_state
-from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

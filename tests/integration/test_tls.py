@@ -16,8 +16,8 @@ from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import make_redis
 from pricing_service.server import PricingServer
-from tests.support.certs import CertFiles, make_certs
-from tests.support.redis_server import RedisServer, free_port
+from pricing_testing.certs import CertFiles, make_certs
+from pricing_testing.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def test_a_runtime_without_tls_refuses_a_tls_configuration(
     """Never a silent plaintext server: the native runtime has no TLS, so TLS settings with it
     stop the process at start-up, naming the variables (in process, and as a command)."""
     from pricing_service.errors import ConfigError  # noqa: PLC0415
-    from tests.support.procs import run_pricing_service, service_env  # noqa: PLC0415
+    from pricing_testing.procs import run_pricing_service, service_env  # noqa: PLC0415
 
     tls = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
     for extra in ({}, {"tls_client_ca_file": str(certs.ca)}):

@@ -8,7 +8,7 @@ malformed headers, ``propagate_traces=False``; the canonical log line carrying t
 no span nor trace id with tracing off; the redis-py page read on a Redis Cluster.
 
 Then a real ``pricing-service serve`` configured only by ``OTEL_*`` variables exports over
-OTLP/HTTP (gzip, headers) to a receiver the test runs (:mod:`tests.support.otlp`), including
+OTLP/HTTP (gzip, headers) to a receiver the test runs (:mod:`pricing_testing.otlp`), including
 the spans still queued when SIGTERM arrives; and a bad ``OTEL_*`` value stops it at start-up.
 """
 
@@ -34,6 +34,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service import interceptors
 from pricing_service.logging import configure_logging
+from pricing_testing.otlp import OtlpReceiver, ReceivedSpan
+from pricing_testing.procs import pricing_service, run_pricing_service, service_env, wait_serving
+from pricing_testing.redis_cluster import RedisCluster
+from pricing_testing.redis_server import RedisServer
 from tests.integration.test_serving import (
     ALL,
     OLD,
@@ -41,10 +45,6 @@ from tests.integration.test_serving import (
     start_harness,
     stop_harness,
 )
-from tests.support.otlp import OtlpReceiver, ReceivedSpan
-from tests.support.procs import pricing_service, run_pricing_service, service_env, wait_serving
-from tests.support.redis_cluster import RedisCluster
-from tests.support.redis_server import RedisServer
 from tests.support.rpcs import upsert_fan_rule
 from tests.unit.test_log_lines import Recorder
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import run_sync_worker, service_env, sync_worker
-from tests.support.redis_server import free_port
+from pricing_testing.procs import run_sync_worker, service_env, sync_worker
+from pricing_testing.redis_server import free_port
 
 pytestmark = pytest.mark.integration
 

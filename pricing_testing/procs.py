@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support.redis_server import free_port
+from pricing_testing.redis_server import free_port
 
 
 def service_env(

@@ -1,34 +1,6 @@
-"""Mixed load against a running system, with a model of what it must end up as.
-
-Used by the fault suite (``tests/fault``) and the soak benchmark (``bench/soak.py``). A
-:class:`Load` drives the real processes over their public interfaces only: gRPC for
-``BatchGetLowestPrice``, ``CheckDiscountStrict`` and admin upserts, the relation-event stream
-(``XADD``, exactly what an upstream producer does) for follow / unfollow / purchase events.
-
-While it runs it checks every answer against what it knows, and records a
-:class:`Violation` for each answer that breaks a promise:
-
-* ``BatchGetLowestPrice`` answers every call within its deadline (``degraded`` allowed), never
-  discounts a buyer who never followed, and never shows a stable fan the list price unless the
-  answer says ``degraded``;
-* ``CheckDiscountStrict`` never answers ``ELIGIBLE`` for a buyer whose unfollow was
-  acknowledged by the stream more than ``strict_max_lag_ms`` before the call, never answers
-  ``NOT_IN_CROWD`` for a fan whose unfollow was not even attempted, and refuses only with
-  ``UNAVAILABLE`` (or runs out of its deadline);
-* admin upserts fail, if at all, with ``UNAVAILABLE`` / ``DEADLINE_EXCEEDED``.
-
-Events go to the buyer's partition (``partitions``, as ``PRICING_EVENT_PARTITIONS``), and on
-a Redis Cluster (a ``redis[s]+cluster://`` URL) the producer may wait until a replica has
-every batch (``producer_wait_replicas``, ``WAIT``) before it counts the events as
-acknowledged, as a durable producer does: a master killed before replicating then cannot
-lose an event the model already holds.
-
-After the load stops, :meth:`Load.settle` waits for the sync worker to apply everything and
-:meth:`Load.check_final_state` compares Redis with the :class:`MembershipModel` (every fact,
-exactly: follow state, version, start and expiry, last writer wins by the time of the fact;
-purchases by maxima), the stream's
-pending list, the dead letters, and every acknowledged rule write with the rule store.
-"""
+"""The load's driver: :class:`Load` sets the system up, runs the callers, the event producer
+and the admin writer, and records every call and every broken promise (the package's docstring
+lists them); what it checks after the load is :class:`~pricing_testing.load.checks.LoadChecks`'s."""
 
 from __future__ import annotations
 
@@ -37,8 +9,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -49,181 +20,35 @@ from pricing.v1 import admin_pb2, admin_pb2_grpc, common_pb2, pricing_pb2, prici
 from pricing_service.config import load_settings
 from pricing_service.domain import SystemClock
 from pricing_service.membership import derive
-from pricing_service.membership.derive import FactWrite, MembershipWrite, Ttls
-from pricing_service.membership.layout import Facts, Follow, MembershipLayout, Purchases
+from pricing_service.membership.derive import MembershipWrite
+from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.store import MembershipStore
 from pricing_service.redis_client import is_cluster_url, make_redis
-from pricing_service.redis_errors import TRANSIENT_ERRORS
 from pricing_service.replica_acks import ReplicaAcks
+from pricing_testing.load.checks import LoadChecks
+from pricing_testing.load.model import (
+    ADMIN_TOKEN,
+    FAN_PRICE,
+    ITEM,
+    LIST_PRICE,
+    PUBLISH_ERRORS,
+    SELLER,
+    STREAM_SELLERS,
+    AckedRule,
+    Call,
+    LoadConfig,
+    MembershipModel,
+    Population,
+    Violation,
+    code_name,
+    money,
+    now_ms,
+)
 from sync_worker.events import EVENT_FIELD, make_event
 from sync_worker.partitions import partition_of, partition_streams
 
-SELLER = "42"
-ITEM = "1001"
-LIST_PRICE = 2500
-FAN_PRICE = 1888
-CURRENCY = "CNY"
-#: Sellers the streaming buyers follow and unfollow (no rules: they only make events).
-STREAM_SELLERS = tuple(str(s) for s in range(100, 110))
-DEFAULT_TTLS = Ttls.from_seconds(48 * 3600, 48 * 3600, 30)
-ADMIN_TOKEN = "test-admin-token"
-#: What a publish may meet while Redis (or a cluster node) is down or failing over: retried.
-PUBLISH_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, *TRANSIENT_ERRORS)
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def money(amount: int, currency: str = CURRENCY) -> common_pb2.Money:
-    return common_pb2.Money(currency_code=currency, amount_minor=amount)
-
-
-def code_name(err: BaseException) -> str:
-    if isinstance(err, grpc.aio.AioRpcError):
-        return str(err.code().name)
-    return type(err).__name__
-
-
-# --- the model ------------------------------------------------------------------------------
-_Key = tuple[str, str]  # (buyer, seller)
-
-
-def _up(ms: int) -> int:
-    return -(-ms // 1000) * 1000
-
-
-class MembershipModel:
-    """What Redis must hold per (buyer, seller): the latest follow fact by its time (an unfollow
-    wins a tie) and the purchases known (maxima), times kept to the second. Nothing lapses
-    during a run (48 h lifetimes)."""
-
-    def __init__(self, ttls: Ttls = DEFAULT_TTLS) -> None:
-        self.ttls = ttls
-        self.follows: dict[_Key, Follow] = {}
-        self.purchases: dict[_Key, Purchases] = {}
-        self.by_user: dict[str, set[str]] = {}
-        self.users: set[str] = set()
-
-    def apply(self, writes: Iterable[MembershipWrite]) -> None:
-        for w in writes:
-            if not isinstance(w, FactWrite):
-                continue
-            self.users.add(w.user_id)
-            key = (w.user_id, w.seller_id)
-            self.by_user.setdefault(w.user_id, set()).add(w.seller_id)
-            f, p = w.facts.follow, w.facts.purchases
-            if f is not None:
-                f = Follow(f.version_ms, f.tombstone, _up(f.expires_ms),
-                           0 if f.tombstone else _up(f.since_ms))  # fmt: skip
-                cur = self.follows.get(key)
-                if cur is None or (f.version_ms, f.tombstone, f.expires_ms, f.since_ms) > (
-                    cur.version_ms, cur.tombstone, cur.expires_ms, cur.since_ms
-                ):  # fmt: skip
-                    self.follows[key] = f
-            if p is not None:
-                p = Purchases(_up(p.expires_ms), min(p.count, 65_535), p.last_ms // 1000 * 1000)
-                old = self.purchases.get(key)
-                if old is not None:
-                    p = Purchases(max(p.expires_ms, old.expires_ms), max(p.count, old.count),
-                                  max(p.last_ms, old.last_ms))  # fmt: skip
-                self.purchases[key] = p
-
-    def snapshot_row(self, user: str, seller: str, followed_ms: int, bought: int, cut: int) -> None:
-        self.apply(derive.snapshot_row(user, seller, followed_ms, bought, cut, self.ttls))
-
-    def event(self, kind: str, user: str, seller: str, at_ms: int) -> None:
-        fn = {"follow": derive.follow, "unfollow": derive.unfollow, "purchase": derive.purchase}
-        self.apply(fn[kind](user, seller, at_ms, self.ttls))
-
-    def expected(self, user: str) -> dict[str, Facts]:
-        return {
-            s: Facts(self.follows.get((user, s)), self.purchases.get((user, s)))
-            for s in self.by_user.get(user, ())
-        }
-
-    def is_fan(self, user: str, seller: str) -> bool:
-        f = self.follows.get((user, seller))
-        return f is not None and not f.tombstone and f.expires_ms > now_ms()
-
-
-# --- what happened --------------------------------------------------------------------------
-@dataclass(slots=True)
-class Call:
-    """One RPC: wall-clock start and end (ms), outcome code, and what it answered."""
-
-    method: str
-    user: str
-    start_ms: float
-    end_ms: float
-    code: str
-    degraded: bool = False
-    verdict: int = 0
-
-    @property
-    def latency_ms(self) -> float:
-        return self.end_ms - self.start_ms
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    what: str
-    detail: str
-    at_ms: float
-
-
-@dataclass(slots=True)
-class AckedRule:
-    rule_id: str
-    item_id: str
-    amount: int
-    revision: int
-
-
-@dataclass
-class Population:
-    """The buyers of one run, by role."""
-
-    fans: list[str]  # follow SELLER from the snapshot and stay fans (get purchase events)
-    churn: list[str]  # follow SELLER from the snapshot, unfollowed once during the load
-    streamers: list[str]  # follow / unfollow STREAM_SELLERS again and again by events
-    strangers: list[str]  # never follow anybody
-
-    @classmethod
-    def make(
-        cls, tag: str, *, fans: int = 20, churn: int = 20, streamers: int = 40, strangers: int = 10
-    ) -> Population:
-        return cls(
-            [f"{tag}fan{i}" for i in range(fans)],
-            [f"{tag}churn{i}" for i in range(churn)],
-            [f"{tag}str{i}" for i in range(streamers)],
-            [f"{tag}nobody{i}" for i in range(strangers)],
-        )
-
-    @property
-    def everyone(self) -> list[str]:
-        return self.fans + self.churn + self.streamers + self.strangers
-
-
-@dataclass
-class LoadConfig:
-    batch_deadline_s: float = 1.0
-    strict_deadline_s: float = 1.0
-    admin_deadline_s: float = 2.0
-    batch_concurrency: int = 2
-    strict_concurrency: int = 1
-    batch_items: int = 20
-    event_interval_s: float = 0.05
-    events_per_tick: int = 8
-    admin_interval_s: float = 0.15
-    #: Seconds over which the churn buyers are unfollowed, one after the other.
-    unfollow_spread_s: float = 3.0
-    strict_max_lag_ms: int = 1000
-    #: Pause between calls of one caller loop (0 = closed loop).
-    call_pause_s: float = 0.0
-
-
-class Load:
+class Load(LoadChecks):
     """Drives the system; ``start()``, let the fault happen, ``await stop()``, then check."""
 
     def __init__(
@@ -634,149 +459,3 @@ class Load:
                     self._violation("admin_bad_error", f"{item}: {rec.code} {reply.details()}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.cfg.admin_interval_s)
-
-    # --- after the load -----------------------------------------------------------------------
-    async def settle(self, timeout_s: float = 30) -> dict[str, int]:
-        """Until the worker's watermark passed the last acknowledged event and nothing is
-        pending; returns the stream's state."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            state = await self.stream_state()
-            if state["watermark_ms"] > self.last_ack_ms and state["pending"] == 0:
-                return state
-            assert time.monotonic() < deadline, f"the system never settled: {state}"
-            await asyncio.sleep(0.1)
-
-    async def stream_state(self) -> dict[str, int]:
-        raw = await self.redis.get(self.layout.watermark_key)
-        pending = length = 0
-        for stream in self.streams:
-            pending += int((await self.redis.xpending(stream, self.group))["pending"])
-            length += int(await self.redis.xlen(stream))
-        return {
-            "watermark_ms": int(raw) if raw is not None else 0,
-            "pending": pending,
-            "length": length,
-            "dead_letters": int(await self.redis.xlen(self.dead_stream)),
-        }
-
-    async def membership_mismatches(self, users: Iterable[str] | None = None) -> list[str]:
-        """Every buyer whose records differ from the model (state, version, expiry)."""
-        names = sorted(users if users is not None else self.model.users)
-        out = []
-        for i in range(0, len(names), 500):
-            chunk = names[i : i + 500]
-            pipe = self.redis.pipeline(transaction=False)
-            for user in chunk:
-                pipe.hgetall(self.layout.user_key(user))
-            for user, raw in zip(chunk, await pipe.execute(), strict=True):
-                got: dict[str, Facts] = {}
-                for f, v in raw.items():
-                    kind, seller = self.layout.parse_field(f)
-                    assert kind == "facts", (user, f)
-                    got[str(seller)] = self.layout.decode_facts(v)
-                want = self.model.expected(user)
-                if got != want:
-                    diff = {
-                        s: (want.get(s), got.get(s))
-                        for s in set(got) | set(want)
-                        if got.get(s) != want.get(s)
-                    }
-                    out.append(f"{user}: (model, redis) {diff}")
-        return out
-
-    async def rule_mismatches(self) -> list[str]:
-        """Every acknowledged rule write that the store does not hold as acknowledged."""
-        admin = admin_pb2_grpc.DiscountAdminServiceStub(self.channels[0])
-        out = []
-        listed: dict[str, admin_pb2.DiscountRule] = {}
-        token = ""
-        while True:
-            page = await admin.ListDiscountRules(
-                admin_pb2.ListDiscountRulesRequest(
-                    seller_id=SELLER, page_size=500, page_token=token
-                ),
-                metadata=self.admin_md,
-                timeout=10,
-            )
-            listed.update({r.rule_id: r for r in page.rules})
-            token = page.next_page_token
-            if not token:
-                break
-        for acked in self.acked_rules:
-            got = await admin.GetDiscountRule(
-                admin_pb2.GetDiscountRuleRequest(rule_id=acked.rule_id),
-                metadata=self.admin_md,
-                timeout=5,
-            )
-            r = got.rule
-            if (r.item_id, r.price.amount_minor) != (acked.item_id, acked.amount):
-                out.append(f"{acked}: store has {r.item_id} {r.price.amount_minor}")
-            if acked.rule_id not in listed:
-                out.append(f"{acked}: missing from ListDiscountRules")
-        return out
-
-    async def check_final_state(self) -> dict[str, Any]:
-        """Settle, then compare everything with the model; returns a summary (asserts)."""
-        state = await self.settle()
-        mismatches = await self.membership_mismatches()
-        assert not mismatches, f"{len(mismatches)} buyers differ from the model:\n" + "\n".join(
-            mismatches[:10]
-        )
-        assert state["dead_letters"] == self.poison_published, state
-        rules = await self.rule_mismatches()
-        assert not rules, "acknowledged rule writes lost:\n" + "\n".join(rules[:10])
-        await self.check_strict_answers()
-        return self.summary() | {"stream": state}
-
-    async def check_strict_answers(self, timeout_s: float = 10) -> None:
-        """After settling: every fan ELIGIBLE, every unfollowed buyer NOT_IN_CROWD."""
-        stub = pricing_pb2_grpc.PricingServiceStub(self.channels[0])
-        want = {u: pricing_pb2.VERDICT_ELIGIBLE for u in self.pop.fans} | {
-            u: pricing_pb2.VERDICT_NOT_IN_CROWD for u in self.unfollow_ack_ms
-        }
-        deadline = time.monotonic() + timeout_s
-        for user, verdict in want.items():
-            while True:
-                try:
-                    r = await stub.CheckDiscountStrict(
-                        pricing_pb2.CheckDiscountStrictRequest(user_id=user, item_id=ITEM),
-                        timeout=2,
-                    )
-                    assert r.verdict == verdict, (user, r)
-                    break
-                except grpc.aio.AioRpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                    assert time.monotonic() < deadline, f"strict still refuses: {err.details()}"
-                    await asyncio.sleep(0.05)
-
-    def summary(self) -> dict[str, Any]:
-        by: dict[str, Counter[str]] = {}
-        worst: dict[str, float] = {}
-        degraded = 0
-        for c in self.calls:
-            by.setdefault(c.method, Counter())[c.code] += 1
-            worst[c.method] = max(worst.get(c.method, 0.0), c.latency_ms)
-            degraded += c.degraded
-        return {
-            "calls": {m: dict(v) for m, v in by.items()},
-            "max_latency_ms": {m: round(v, 1) for m, v in worst.items()},
-            "degraded_answers": degraded,
-            "events_acked": self.events_acked,
-            "publish_errors": self.publish_errors,
-            "rules_acked": len(self.acked_rules),
-            "admin_failures": dict(self.admin_failures),
-            "violations": len(self.violations),
-        }
-
-    def assert_no_violations(self) -> None:
-        counts = Counter(v.what for v in self.violations)
-        assert not self.violations, f"{dict(counts)}; first ones:\n" + "\n".join(
-            f"{v.what}: {v.detail}" for v in self.violations[:10]
-        )
-
-    def calls_between(self, method: str, start_ms: float, end_ms: float) -> list[Call]:
-        return [c for c in self.calls if c.method == method and start_ms <= c.start_ms < end_ms]
-
-    def calls_between_all(self, start_ms: float, end_ms: float) -> list[Call]:
-        return [c for c in self.calls if start_ms <= c.start_ms < end_ms]

@@ -1,7 +1,7 @@
 """A private redis-server process for tests that stop, pause or break Redis.
 
 Never touches the shared Redis: each instance listens on its own free loopback port with its
-own directory. With ``tls`` (certificates from :mod:`tests.support.certs`) the port is
+own directory. With ``tls`` (certificates from :mod:`pricing_testing.certs`) the port is
 TLS-only (``--port 0 --tls-port``), clients must present a certificate signed by the test CA,
 and replication runs over TLS too.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tests.support.certs import CertFiles
+    from pricing_testing.certs import CertFiles
 
 
 def free_port() -> int:

@@ -25,9 +25,9 @@ def with_search_path(pg_url: str, schema: str) -> str:
 
 
 @contextmanager
-def pg_schema(pg_url: str) -> Iterator[str]:
-    """A fresh schema; yields a URL whose connections use it."""
-    schema = f"rules_test_{uuid.uuid4().hex[:12]}"
+def pg_schema(pg_url: str, prefix: str = "rules_test_") -> Iterator[str]:
+    """A fresh schema (``prefix`` and a random suffix); yields a URL whose connections use it."""
+    schema = f"{prefix}{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:

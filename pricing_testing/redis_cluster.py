@@ -1,6 +1,6 @@
 """A real local Redis Cluster for tests: 3 masters + 3 replicas of redis-server on loopback.
 
-Each node is a :class:`tests.support.redis_server.RedisServer` on a free port with its own
+Each node is a :class:`pricing_testing.redis_server.RedisServer` on a free port with its own
 directory (``--cluster-enabled yes``, a short ``--cluster-node-timeout`` so a killed master is
 replaced within a few seconds). ``redis-cli --cluster create`` assigns the slots; the harness
 waits until every node reports ``cluster_state:ok`` and agrees on the slot map.
@@ -15,7 +15,7 @@ Operations a test needs while load runs:
 * :meth:`RedisCluster.kill_master` - ``kill -9`` of a master: its replica takes over after the
   node timeout.
 
-With ``tls`` (certificates from :mod:`tests.support.certs`) every node is TLS-only: clients,
+With ``tls`` (certificates from :mod:`pricing_testing.certs`) every node is TLS-only: clients,
 replication and the cluster bus (``--tls-cluster yes``) all use TLS, clients need the test CA
 and a client certificate, and :attr:`RedisCluster.url` is ``rediss+cluster://``.
 
@@ -27,17 +27,15 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from tests.conftest import service_missing
-from tests.support.redis_server import RedisServer, free_port, redis_binary
+from pricing_testing.redis_server import RedisServer, free_port, redis_binary
 
 if TYPE_CHECKING:
-    from tests.support.certs import CertFiles
+    from pricing_testing.certs import CertFiles
 
 NODE_TIMEOUT_MS = 2000
 
@@ -330,22 +328,6 @@ class RedisCluster:
                     if port not in (src_port, target_port):
                         _cmd(c, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         return moved
-
-
-@contextlib.contextmanager
-def running_cluster(*, tls: CertFiles | None = None) -> Iterator[RedisCluster]:
-    """A started 3 + 3 cluster for a fixture, closed afterwards. Without the binaries the test
-    is skipped, or fails under ``PRICING_TEST_REQUIRE_SERVICES=1``."""
-    c = RedisCluster(tls=tls)
-    try:
-        c.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        what = "redis-server and redis-cli built with TLS" if tls else "redis-server, redis-cli"
-        service_missing(f"a local Redis Cluster ({what})", exc)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _cmd(client: redis.Redis, *args: Any) -> Any:
