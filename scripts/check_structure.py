@@ -66,6 +66,8 @@ LAYERS: tuple[str, ...] = (
     "pricing_service.membership | pricing_service.replica_acks",
     "pricing_service.redis_client | pricing_service.redis_pipe | pricing_service.crowds"
     " | pricing_service.watermark",
+    # redis-py's cluster client, bounded (the client factory builds it)
+    "pricing_service.redis_cluster",
     # tracing, over the call pipeline's failure model
     "pricing_service.tracing",
     "pricing_service.interceptors",

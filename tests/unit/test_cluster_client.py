@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pricing_service.redis_client import BoundedRedisCluster
+from pricing_service.redis_cluster import BoundedRedisCluster
 
 CLOSED = AttributeError("'NoneType' object has no attribute 'writelines'")
 
