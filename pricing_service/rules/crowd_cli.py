@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, TextIO
-
-from redis.exceptions import RedisError
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 from pricing_service.config import Settings
 from pricing_service.crowds import CrowdDef
@@ -19,10 +18,12 @@ from pricing_service.membership.derive import Ttls
 from pricing_service.membership.layout import MembershipLayout
 from pricing_service.membership.writer import MembershipWriter
 from pricing_service.redis_client import make_redis
-from pricing_service.rules.crowd_members import member_changes, update_members
+from pricing_service.rules.crowd_members import member_changes, publish_list, update_members
 from pricing_service.rules.factory import open_rule_store
 from pricing_service.rules.store import CrowdChange
 from pricing_service.rules.validation import CrowdIn, validate
+
+T = TypeVar("T")
 
 
 def crowd_json(c: CrowdDef) -> dict[str, Any]:
@@ -69,6 +70,22 @@ def _membership(settings: Settings) -> MembershipWriter:
     )
 
 
+async def _print_pages(
+    page: Callable[[str, int, str], Awaitable[tuple[Sequence[T], str]]],
+    seller_id: str,
+    to_json: Callable[[T], dict[str, Any]],
+    out: TextIO,
+) -> None:
+    """Every page of a seller's listing (``page(seller_id, size, token)``), one JSON line each."""
+    token = ""
+    while True:
+        entries, token = await page(seller_id, 500, token)
+        for e in entries:
+            print(json.dumps(to_json(e)), file=out)
+        if not token:
+            return
+
+
 async def create(
     settings: Settings,
     *,
@@ -111,12 +128,12 @@ async def create(
     if written.is_list:
         membership = _membership(settings)
         try:
-            await membership.register_lists([written])
-        except (RedisError, OSError) as exc:
-            print(f"(not yet registered in Redis for list files: {exc}; a running server "
-                  "registers it)", file=sys.stderr)  # fmt: skip
+            failed = await publish_list(membership, written, listed=True)
         finally:
             await membership.redis.aclose()
+        if failed is not None:
+            print(f"(not yet registered in Redis for list files: {failed}; a running server "
+                  "registers it)", file=sys.stderr)  # fmt: skip
     print(json.dumps(crowd_json(written)), file=out)
     return 0
 
@@ -136,13 +153,7 @@ async def get(
 async def list_all(settings: Settings, *, seller_id: str, out: TextIO | None = None) -> int:
     store = await open_rule_store(settings)
     try:
-        token = ""
-        while True:
-            crowds, token = await store.list_crowds(seller_id, 500, token)
-            for c in crowds:
-                print(json.dumps(crowd_json(c)), file=out or sys.stdout)
-            if not token:
-                break
+        await _print_pages(store.list_crowds, seller_id, crowd_json, out or sys.stdout)
     finally:
         await store.close()
     return 0
@@ -164,10 +175,8 @@ async def delete(
         await store.close()
     if crowd.is_list:
         membership = _membership(settings)
-        try:
-            await membership.unregister_lists([crowd])
-        except (RedisError, OSError):
-            pass  # a running server unregisters it when it sees the deletion
+        try:  # a failure is left to a running server, which unregisters it on the deletion
+            await publish_list(membership, crowd, listed=False)
         finally:
             await membership.redis.aclose()
     print(json.dumps({"deleted": crowd.name, "revision": revision}), file=out or sys.stdout)
@@ -177,13 +186,7 @@ async def delete(
 async def history(settings: Settings, *, seller_id: str, out: TextIO | None = None) -> int:
     store = await open_rule_store(settings)
     try:
-        token = ""
-        while True:
-            changes, token = await store.crowd_history(seller_id, 500, token)
-            for c in changes:
-                print(json.dumps(change_json(c)), file=out or sys.stdout)
-            if not token:
-                break
+        await _print_pages(store.crowd_history, seller_id, change_json, out or sys.stdout)
     finally:
         await store.close()
     return 0

@@ -93,6 +93,23 @@ def member_changes(
     return out
 
 
+async def publish_list(
+    membership: MembershipWriter, crowd: CrowdDef, *, listed: bool
+) -> RedisError | OSError | None:
+    """Register (``listed``) or unregister a list crowd in Redis's list registry, for the list
+    file loader, after the rule store committed it: best effort, since the crowd index of a
+    running server publishes it too (retrying). Returns the failure, for the caller to report
+    its own way, or ``None``."""
+    try:
+        if listed:
+            await membership.register_lists([crowd])
+        else:
+            await membership.unregister_lists([crowd])
+    except (RedisError, OSError) as exc:
+        return exc
+    return None
+
+
 async def update_members(
     records: CrowdRecords,
     membership: MembershipWriter,

@@ -14,7 +14,6 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
-from redis.exceptions import RedisError
 
 from pricing.v1 import admin_pb2, admin_pb2_grpc
 from pricing_service.auth import check_bearer
@@ -25,7 +24,7 @@ from pricing_service.errors import InvalidArgumentError, UnauthenticatedError, U
 from pricing_service.ids import require_id
 from pricing_service.membership.derive import Ttls
 from pricing_service.membership.writer import MembershipWriter
-from pricing_service.rules.crowd_members import member_changes, update_members
+from pricing_service.rules.crowd_members import member_changes, publish_list, update_members
 from pricing_service.rules.store import CrowdChange, RuleChange, RuleStore
 from pricing_service.rules.validation import BatchIn, CrowdIn, RuleIn, validate
 from pricing_service.servicers.convert import (
@@ -335,10 +334,9 @@ class DiscountAdminServicer(admin_pb2_grpc.DiscountAdminServiceServicer):
             revision=written.revision,
         )
         if written.is_list and self.membership is not None:
-            try:  # for the list file loader; the crowd index publishes it too (retrying)
-                await self.membership.register_lists([written])
-            except (RedisError, OSError) as exc:
-                log.warning("crowd_list_registry_failed", crowd=written.name, error=repr(exc))
+            failed = await publish_list(self.membership, written, listed=True)
+            if failed is not None:
+                log.warning("crowd_list_registry_failed", crowd=written.name, error=repr(failed))
         response = admin_pb2.CreateCrowdResponse()
         crowd_to_proto(written, response.crowd)
         return response
@@ -375,10 +373,9 @@ class DiscountAdminServicer(admin_pb2_grpc.DiscountAdminServiceServicer):
         revision = await self.store.delete_crowd(seller_id, crowd_id, actor)
         log.info("crowd_deleted", actor=actor, crowd=crowd.name, revision=revision)
         if crowd.is_list and self.membership is not None:
-            try:
-                await self.membership.unregister_lists([crowd])
-            except (RedisError, OSError) as exc:
-                log.warning("crowd_list_registry_failed", crowd=crowd.name, error=repr(exc))
+            failed = await publish_list(self.membership, crowd, listed=False)
+            if failed is not None:
+                log.warning("crowd_list_registry_failed", crowd=crowd.name, error=repr(failed))
         return admin_pb2.DeleteCrowdResponse(revision=revision)
 
     async def BatchUpdateCrowdMembers(
