@@ -172,6 +172,76 @@ def decide_keyed(
     return Decision(best.price, best)
 
 
+def check_page(
+    queries: Sequence[tuple[str, Money | None]],
+    rule_lists: Sequence[Sequence[Rule]],
+    now_ms: int,
+) -> list[CrowdKey]:
+    """A page's :func:`check_currencies` (raising for the first item in error, as ``items[i]``)
+    and its :func:`crowd_keys_to_check`, in one pass over the page's rules.
+
+    ``queries`` are ``(item_id, list_price)`` pairs in page order, ``rule_lists`` their rules.
+    """
+    seen: dict[CrowdKey, None] = {}
+    for i, (query, rules) in enumerate(zip(queries, rule_lists, strict=True)):
+        if not rules:
+            continue
+        list_price = query[1]
+        currency = list_price.currency if list_price is not None else None
+        for r in rules:
+            if currency is not None and r.price.currency != currency:
+                check_currencies(f"items[{i}]", list_price, rules)  # raises
+            start, end = r.start_ms, r.end_ms
+            if (start is None or start <= now_ms) and (end is None or now_ms < end):
+                seen[r.crowd_key] = None
+        if currency is None and len(rules) > 1:
+            check_currencies(f"items[{i}]", None, rules)  # raises for several currencies
+    return list(seen)
+
+
+def decide_page(
+    queries: Sequence[tuple[str, Money | None]],
+    rule_lists: Sequence[Sequence[Rule]],
+    members: AbstractSet[CrowdKey] | None,
+    now_ms: int,
+) -> list[Decision]:
+    """:func:`decide_keyed` without explanations for every item of a page, in one loop (the
+    page path's form: one call per page instead of one per item, measured in bench.serving).
+    """
+    out: list[Decision] = []
+    append = out.append
+    specificity = _SPECIFICITY
+    new = tuple.__new__  # Decision(...) without the NamedTuple's Python-level __new__
+    for query, rules in zip(queries, rule_lists, strict=True):
+        list_price = query[1]
+        if not rules or members is None:
+            append(new(Decision, (list_price, None, ())))
+            continue
+        best: Rule | None = None
+        best_amount = 0
+        best_spec = 0
+        limit = list_price.amount_minor if list_price is not None else None
+        for r in rules:
+            start, end = r.start_ms, r.end_ms
+            if (
+                (start is not None and now_ms < start)
+                or (end is not None and now_ms >= end)
+                or r.crowd_key not in members
+            ):
+                continue
+            amount = r.price.amount_minor
+            if limit is not None and amount >= limit:
+                continue
+            if best is None or amount < best_amount:
+                best, best_amount, best_spec = r, amount, specificity[r.kind]
+            elif amount == best_amount:
+                spec = specificity[r.kind]
+                if spec > best_spec or (spec == best_spec and r.rule_id < best.rule_id):
+                    best, best_spec = r, spec
+        append(new(Decision, (list_price, None, ()) if best is None else (best.price, best, ())))
+    return out
+
+
 def _decide_explained(
     list_price: Money | None,
     rules: Sequence[Rule],

@@ -35,6 +35,10 @@ def _fill_item_price(d: Decision, out: pricing_pb2.ItemPrice) -> None:
             out.crowd_id = rule.crowd_id
 
 
+#: An answer's memo key: (item,), (item, currency, amount) or (item, currency, amount, rule id,
+#: crowd kind, seller, crowd id): every field its ``ItemPrice`` is built from.
+_AnswerKey = tuple[str] | tuple[str, str, int] | tuple[str, str, int, str, int, str, str]
+
 #: Entries of each memo of :class:`PricingServicer` before it is cleared: the hot items and
 #: list prices fit; a bigger memo mostly holds cold entries (an ItemPrice is ~300 bytes).
 MEMO_SIZE = 8_192
@@ -57,7 +61,7 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
         # prices and the same answers across buyers and requests: building a Money or an
         # ItemPrice field by field costs more than looking one up (bench.hotpath).
         self._money: dict[tuple[str, int], Money] = {}
-        self._answers: dict[tuple[str, str, int, str, int, str], bytes] = {}
+        self._answers: dict[_AnswerKey, bytes] = {}
 
     async def BatchGetLowestPrice(  # type: ignore[override]  # may answer serialised bytes
         self,
@@ -82,8 +86,9 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
             raise InvalidArgumentError.field(
                 "items", f"{n} items exceed the limit of {self.max_items}", "BATCH_TOO_LARGE"
             )
-        queries = []
+        queries: list[PriceQuery] = []
         monies = self._money
+        new = tuple.__new__  # PriceQuery(...) without the NamedTuple's Python-level __new__
         for i, q in enumerate(items):
             item_id = q.item_id
             if not item_id or len(item_id) > max_id:
@@ -103,18 +108,40 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
                     if len(monies) >= MEMO_SIZE:
                         monies.clear()
                     list_price = monies[key] = Money(code, amount)
-            queries.append(PriceQuery(item_id, list_price))
+            queries.append(new(PriceQuery, (item_id, list_price)))
         result = await self.core.batch(
             user_id, queries, explain=request.explain, time_remaining_s=context.time_remaining()
         )
         if not request.explain:
+            # each ItemPrice memoised, serialised as an element of the response's ``prices``
+            # (the loop inline: a method call per item costs more than the lookup)
+            answers = self._answers
+            entries: list[bytes] = []
+            add = entries.append
+            for query, d in zip(queries, result.decisions, strict=True):
+                price, rule = d.price, d.rule
+                item_id = query.item_id
+                memo_key: _AnswerKey = (
+                    (item_id,)
+                    if price is None
+                    else (item_id, price.currency, price.amount_minor)
+                    if rule is None
+                    else (
+                        item_id,
+                        price.currency,
+                        price.amount_minor,
+                        rule.rule_id,
+                        int(rule.kind),
+                        rule.seller_id,
+                        rule.crowd_id,
+                    )
+                )
+                entry = answers.get(memo_key)
+                if entry is None:
+                    entry = self._answer(memo_key, item_id, d)
+                add(entry)
             return batch_response_bytes(
-                [
-                    self._answer(q.item_id, d)
-                    for q, d in zip(queries, result.decisions, strict=True)
-                ],
-                degraded=result.degraded,
-                rule_revision=result.rule_revision,
+                entries, degraded=result.degraded, rule_revision=result.rule_revision
             )
         response = pricing_pb2.BatchGetLowestPriceResponse(
             degraded=result.degraded, rule_revision=result.rule_revision
@@ -135,26 +162,16 @@ class PricingServicer(pricing_pb2_grpc.PricingServiceServicer):
                 money_to_proto(ev.rule.price, e.price)
         return response
 
-    def _answer(self, item_id: str, d: Decision) -> bytes:
+    def _answer(self, key: _AnswerKey, item_id: str, d: Decision) -> bytes:
         """The ``ItemPrice`` of a decision without explanations, serialised as an element of
-        the response's ``prices`` (:func:`price_entry`), memoised."""
-        price, rule = d.price, d.rule
-        key = (
-            item_id,
-            price.currency if price is not None else "",
-            price.amount_minor if price is not None else -1,
-            rule.rule_id if rule is not None else "",
-            int(rule.kind) if rule is not None else 0,
-            rule.seller_id if rule is not None else "",
-        )
+        the response's ``prices`` (:func:`price_entry`), memoised under ``key`` (every field
+        of it: the item, the price, and the applied rule's id, crowd, seller and crowd id)."""
+        out = pricing_pb2.ItemPrice(item_id=item_id)
+        _fill_item_price(d, out)
         answers = self._answers
-        entry = answers.get(key)
-        if entry is None:
-            out = pricing_pb2.ItemPrice(item_id=item_id)
-            _fill_item_price(d, out)
-            if len(answers) >= MEMO_SIZE:
-                answers.clear()
-            entry = answers[key] = price_entry(out)
+        if len(answers) >= MEMO_SIZE:
+            answers.clear()
+        entry = answers[key] = price_entry(out)
         return entry
 
     async def CheckDiscountStrict(

@@ -12,8 +12,12 @@ from pricing_service.domain import Crowd, CrowdKind, Money, Rule
 from pricing_service.engine import (
     Outcome,
     check_currencies,
+    check_page,
+    crowd_keys_to_check,
     crowds_to_check,
     decide,
+    decide_page,
+    member_keys,
 )
 from pricing_service.errors import InvalidArgumentError
 
@@ -194,3 +198,74 @@ def test_mixed_currency_rules_need_a_list_price() -> None:
         check_currencies("items[0]", None, rules)
     assert err.value.reason == "LIST_PRICE_REQUIRED"
     check_currencies("items[0]", None, rules[:1])  # one currency: fine
+
+
+@settings(max_examples=300)
+@given(
+    pages=st.lists(st.tuples(rule_sets(), st.none() | st.integers(0, 35)), min_size=1, max_size=8),
+    members=st.none() | st.frozensets(st.sampled_from(all_crowds)),
+)
+def test_page_decisions_equal_the_brute_force_per_item(
+    pages: list[tuple[list[Rule], int | None]], members: frozenset[Crowd] | None
+) -> None:
+    """The page path's one loop (:func:`decide_page`) decides each item as the reference does,
+    in page order; unknown membership (``None``) gives every item its list price."""
+    queries = [
+        (f"item-{i}", None if a is None else Money("CNY", a)) for i, (_, a) in enumerate(pages)
+    ]
+    rule_lists = [rules for rules, _ in pages]
+    keys = None if members is None else member_keys(members)
+    got = decide_page(queries, rule_lists, keys, NOW)
+    assert len(got) == len(pages)
+    for (_, list_price), rules, d in zip(queries, rule_lists, got, strict=True):
+        if members is None:
+            assert (d.price, d.rule) == (list_price, None)
+        else:
+            assert (d.price, d.rule) == reference(list_price, rules, members)
+        assert d.evaluations == ()
+
+
+currencies = st.sampled_from(["CNY", "CNY", "USD"])
+
+
+@settings(max_examples=300)
+@given(
+    pages=st.lists(
+        st.tuples(rule_sets(), st.none() | currencies, st.lists(currencies, max_size=6)),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_page_check_equals_the_per_item_checks(
+    pages: list[tuple[list[Rule], str | None, list[str]]],
+) -> None:
+    """:func:`check_page` refuses exactly what :func:`check_currencies` item by item refuses
+    (the same field, reason and message: the first item in error), and otherwise returns the
+    crowds :func:`crowd_keys_to_check` returns, in the same order."""
+    queries = []
+    rule_lists = []
+    for i, (drawn, list_currency, rule_currencies) in enumerate(pages):
+        rules = [
+            Rule(r.rule_id, r.seller_id, r.item_id, r.kind, Money(c, r.price.amount_minor),
+                 r.start_ms, r.end_ms, crowd_id=r.crowd_id)
+            for r, c in zip(drawn, rule_currencies + ["CNY"] * len(drawn), strict=False)
+        ]  # fmt: skip
+        queries.append((f"item-{i}", None if list_currency is None else Money(list_currency, 50)))
+        rule_lists.append(rules)
+    want: InvalidArgumentError | None = None
+    for i, ((_, list_price), rules) in enumerate(zip(queries, rule_lists, strict=True)):
+        if rules:
+            try:
+                check_currencies(f"items[{i}]", list_price, rules)
+            except InvalidArgumentError as exc:
+                want = exc
+                break
+    if want is None:
+        assert check_page(queries, rule_lists, NOW) == crowd_keys_to_check(rule_lists, NOW)
+        return
+    with pytest.raises(InvalidArgumentError) as got:
+        check_page(queries, rule_lists, NOW)
+    assert (got.value.reason, got.value.message) == (want.reason, want.message)
+    assert [(v.field, v.reason) for v in got.value.violations] == [
+        (v.field, v.reason) for v in want.violations
+    ]
