@@ -78,6 +78,24 @@ class _Protocol(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._on_lost = on_lost
         self.closed = False
+        #: commands of this loop iteration not written yet (:meth:`send`)
+        self._out: list[bytes] = []
+
+    def send(self, command: bytes) -> None:
+        """Queue a command; the commands queued in one iteration of the loop are written
+        together when its ready callbacks have run (one ``send`` syscall for the calls a
+        batch of RPCs started, instead of one each)."""
+        out = self._out
+        out.append(command)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -154,6 +172,7 @@ class PipelinedReader:
         self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when ``_timer`` fires (loop time)
         self._tails: dict[tuple[bytes | str, ...], bytes] = {}
 
     @classmethod
@@ -248,15 +267,15 @@ class PipelinedReader:
                 )
         fut: asyncio.Future[Any] = loop.create_future()
         pending.append((fut, now))
-        assert proto.transport is not None
-        proto.transport.write(command)
+        proto.send(command)
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), fut))
             timer = self._timer
-            if timer is None or deadline < timer.when():
+            if timer is None or deadline < self._timer_at:
                 if timer is not None:
                     timer.cancel()
                 self._timer = loop.call_at(deadline, self._expire)
+                self._timer_at = deadline
         return await fut
 
     def _expire(self) -> None:
@@ -270,7 +289,8 @@ class PipelinedReader:
             if not fut.done():  # its reply, when it comes, is dropped (the future is done)
                 fut.set_exception(TimeoutError("Redis did not answer within the call's timeout"))
         if heap:
-            self._timer = loop.call_at(heap[0][0], self._expire)
+            self._timer_at = heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._expire)
 
     async def _connect(self) -> _Protocol:
         if self._closed:

@@ -94,6 +94,40 @@ async def test_concurrent_calls_each_get_their_own_reply(
         await reader.aclose()
 
 
+async def test_commands_of_one_loop_iteration_are_written_together(
+    private_redis: RedisServer, client: aioredis.Redis
+) -> None:
+    """The calls a batch of RPCs starts in one iteration of the loop reach Redis in one write
+    (one syscall, not one each), in their order, and each still gets its own reply; a call on
+    its own is written by itself, without waiting for another."""
+    for u in range(20):
+        await client.hset(f"cw:{u}", mapping={"a": f"{u}-a"})
+    reader = PipelinedReader.from_client(client)
+    try:
+        assert await reader.execute(b"PING") == b"PONG"  # connected
+        proto = reader._proto
+        assert proto is not None and proto.transport is not None
+        transport = proto.transport
+        writes: list[bytes] = []
+        real_write = transport.write
+
+        def spy(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        transport.write = spy  # type: ignore[method-assign]
+        replies = await asyncio.gather(*(reader.hmget(f"cw:{u}", ["a"]) for u in range(20)))
+        assert replies == [[f"{u}-a".encode()] for u in range(20)]
+        assert len(writes) == 1
+        assert writes[0].count(b"HMGET") == 20
+        assert writes[0].index(b"cw:0\r\n") < writes[0].index(b"cw:19\r\n")
+        writes.clear()
+        assert await reader.hmget("cw:3", ["a"]) == [b"3-a"]
+        assert len(writes) == 1 and writes[0].count(b"HMGET") == 1
+    finally:
+        await reader.aclose()
+
+
 async def test_error_replies_are_response_errors(client: aioredis.Redis) -> None:
     await client.set("plain", "x")
     reader = PipelinedReader.from_client(client)
