@@ -137,39 +137,14 @@ def decide_keyed(
 ) -> Decision:
     """:func:`decide` with the buyer's crowds as crowd keys (:func:`member_keys`).
 
-    The form a page's loop uses: one conversion per page instead of a ``Crowd`` per rule.
-    ``reasons`` (explain): why the buyer is in each crowd or not.
+    One item, with explanations if asked (``reasons``: why the buyer is in each crowd or
+    not); without them it is :func:`decide_page` of a one-item page, the page path's form.
     """
     if not rules:
         return Decision(list_price, None)
     if explain:
         return _decide_explained(list_price, rules, members, now_ms, reasons or {})
-    best: Rule | None = None
-    best_amount = 0
-    best_spec = 0
-    limit = list_price.amount_minor if list_price is not None else None
-    for r in rules:
-        start, end = r.start_ms, r.end_ms
-        if (
-            (start is not None and now_ms < start)
-            or (end is not None and now_ms >= end)
-            or members is None
-            or r.crowd_key not in members
-        ):
-            continue
-        amount = r.price.amount_minor
-        if limit is not None and amount >= limit:
-            continue
-        if best is None or amount < best_amount:
-            best, best_amount, best_spec = r, amount, _SPECIFICITY[r.kind]
-        elif amount == best_amount:
-            # the order of preference(): lowest price, most specific crowd, smallest rule id
-            spec = _SPECIFICITY[r.kind]
-            if spec > best_spec or (spec == best_spec and r.rule_id < best.rule_id):
-                best, best_spec = r, spec
-    if best is None:
-        return Decision(list_price, None)
-    return Decision(best.price, best)
+    return decide_page((("", list_price),), (rules,), members, now_ms)[0]
 
 
 def check_page(
