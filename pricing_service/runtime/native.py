@@ -16,18 +16,16 @@ How calls reach the loop, and a drain
 ``pricing_service.runtime.native_pump`` moves call events to the loop (``PRICING_NATIVE_PUMP``).
 The front's I/O threads run under ``SCHED_BATCH`` (``PRICING_NATIVE_IO_POLICY``), so an answer
 that wakes one does not preempt the loop. pygrpc-native 0.5 has no graceful close (its
-``close()`` ends open streams and drops answers not yet written), so a drain serves every call
-until none has been in flight for a few milliseconds (:meth:`NativeServer._idle_now`).
+``close()`` ends open streams and drops answers its I/O threads have not taken), so a drain
+stops accepting connections, serves every call on the open ones, and closes once the front
+itself counts no call left open (:meth:`NativeServer._idle_now`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +48,12 @@ from pricing_service.interceptors import (
     tolerant,
 )
 from pricing_service.runtime import ServerParts
+from pricing_service.runtime.native_os import (
+    accept_failures_unlogged,
+    set_policy,
+    stop_accepting,
+    thread_ids,
+)
 from pricing_service.runtime.native_pump import BATCH, Pump
 
 log = structlog.get_logger("pricing_service.runtime")
@@ -62,9 +66,13 @@ DRAIN_POLL_S = 0.001
 DRAIN_QUIET_S = 0.002
 #: How long a drain serves new calls while it waits for that moment.
 DRAIN_SERVE_S = 1.0
+#: The least time between the drain's stop of accepting and the close: clients whose
+#: connection the close ends reconnect at once, and those that did so right after the
+#: listener's shutdown (within ~1 ms) could hang for seconds; 3 ms and 100 ms gaps showed none
+#: (docs/benchmarks/runtimes.md "Drain").
+DRAIN_MIN_S = 0.05
 
 _RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
@@ -134,7 +142,7 @@ class NativeServer:
                 if handler.request_streaming or handler.response_streaming:
                     raise ValueError(f"/{service}/{name}: only unary methods are served natively")
                 self._paths.append((f"/{service}/{name}", handler))
-        before = _thread_ids()
+        before = thread_ids()
         try:
             self._front = NativeGrpcFront(
                 s.listen,
@@ -150,8 +158,10 @@ class NativeServer:
             raise OSError(f"cannot listen on {s.listen}: {exc}") from exc
         self._port = self._front.bound_port
         #: the front's own threads (tokio's I/O workers), started by the constructor
-        self._io_threads = _thread_ids() - before
+        self._io_threads = thread_ids() - before
         self._calls: dict[int, asyncio.Task[None]] = {}
+        #: calls taken from the front (each ends with one answer or failure, or its cancel)
+        self._received = 0
         self._stopping = False
         self._fallback: grpc.aio.Server | None = None
         self._fallback_dir: str | None = None
@@ -201,7 +211,7 @@ class NativeServer:
         front.start()
         self._pump.start()
         if parts.settings.native_io_policy == "batch":
-            _set_policy(self._io_threads, batch=True)
+            set_policy(self._io_threads, batch=True)
         log.info(
             "native_runtime_started",
             port=self._port,
@@ -224,6 +234,7 @@ class NativeServer:
                 if task is not None:
                     task.cancel()
                 continue
+            self._received += 1
             if len(payload) > self._limit:
                 front.fail(
                     call_id,
@@ -279,33 +290,11 @@ class NativeServer:
         deadline = loop.time() + (grace or 0.0)
         # answers written the moment they are handed over from here on: the I/O threads back
         # to the normal policy (under SCHED_BATCH they write when the loop next sleeps)
-        _set_policy(self._io_threads, batch=False)
+        set_policy(self._io_threads, batch=False)
         if self._pump is not None:
             await self._pump.quiesce()
-        # polled: the front has nothing to await. First every call is served until none has
-        # been anywhere for DRAIN_QUIET_S; past DRAIN_SERVE_S without such a moment, new calls
-        # are refused (UNAVAILABLE) while those in flight finish
-        started = quiet_since = loop.time()
-        while (now := loop.time()) < deadline:
-            refuse = now - started >= DRAIN_SERVE_S
-            if not self._idle_now(refuse_new=refuse):
-                quiet_since = now
-            elif now - quiet_since >= DRAIN_QUIET_S:
-                break
-            await asyncio.sleep(DRAIN_POLL_S)
-        # nothing runs on the loop between the last look and the GOAWAY
-        if self._pump is not None:
-            self._pump.stop()
-        log.info("native_runtime_closing", at_ms=time.time_ns() // 1_000_000,
-                 in_flight=len(self._calls))  # fmt: skip
-        with _stderr_silenced():
-            # the port's listener first: a client that reconnects after the GOAWAY must reach
-            # the port's other servers, not this closing listener (it accepted connections
-            # and dropped them; those calls then waited out the client's reconnect backoff)
-            stopped = _stop_listening(self._port)
-            self._front.close()
-        log.info("native_runtime_closed", at_ms=time.time_ns() // 1_000_000,
-                 listeners_stopped=stopped)  # fmt: skip
+        with accept_failures_unlogged():
+            await self._drain_and_close(deadline)
         tasks = list(self._calls.values())  # only when the grace period ran out
         for task in tasks:
             task.cancel()
@@ -316,17 +305,56 @@ class NativeServer:
             shutil.rmtree(self._fallback_dir, ignore_errors=True)
         log.info("native_runtime_stopped", cancelled_after_grace=len(tasks))
 
-    def _idle_now(self, *, refuse_new: bool = False) -> bool:
-        """Whether nothing is in flight, queued in the front, or answered just now.
+    async def _drain_and_close(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        # new connections to the port's other servers from now on
+        stopped = stop_accepting(self._port)
+        # polled: the front has nothing to await. Every call is served until none has been
+        # anywhere for DRAIN_QUIET_S; past DRAIN_SERVE_S without such a moment the drain
+        # takes no new call, and closes once those in flight are answered
+        started = quiet_since = loop.time()
+        taking = True
+        while (now := loop.time()) < deadline:
+            if taking and now - started >= DRAIN_SERVE_S:
+                taking = False
+                if self._pump is not None:
+                    self._pump.stop()
+                log.info("native_runtime_drain_stops_taking", in_flight=len(self._calls))
+            if not self._idle_now(take_new=taking):
+                quiet_since = now
+            elif now - quiet_since >= DRAIN_QUIET_S and now - started >= DRAIN_MIN_S:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        # nothing runs on the loop between the last look and the GOAWAY
+        if self._pump is not None:
+            self._pump.stop()
+        closing = time.time_ns() // 1_000_000
+        self._front.close()
+        closed = time.time_ns() // 1_000_000
+        log.info("native_runtime_closing", at_ms=closing, in_flight=len(self._calls))
+        log.info("native_runtime_closed", at_ms=closed, listeners_stopped=stopped)
+
+    def _idle_now(self, *, take_new: bool = True) -> bool:
+        """Whether nothing is in flight, queued in the front (when ``take_new``), or answered
+        and not yet taken by the front's I/O threads.
 
         pygrpc-native 0.5 cannot stop taking new streams while it finishes the open ones: its
-        ``close()`` sends GOAWAY and ends every open stream at once, answers its I/O threads
-        have not written yet included. So the drain serves every call, new ones too, and closes
-        the front once this has been true for :data:`DRAIN_QUIET_S` (the last answers are
-        written by then; a call that reaches the front in the instant of the close is refused,
-        one the client had not sent yet goes to another server), or when the grace period is
-        over. Under load such a moment may not come: after :data:`DRAIN_SERVE_S` new calls are
-        refused with UNAVAILABLE (``refuse_new``) so that those in flight can finish."""
+        ``close()`` sends GOAWAY and ends every open stream at once, and drops the answers its
+        I/O threads have not taken yet (handed over, but not written). So the drain serves
+        every call, new ones too, and closes the front once this has been true for
+        :data:`DRAIN_QUIET_S` (a stream the front reads in the instant of the close is ended
+        with UNAVAILABLE, one the client had not sent yet goes to another server), or when the
+        grace period is over. Under load such a moment may not come: after
+        :data:`DRAIN_SERVE_S` the drain stops taking calls (``take_new`` false) and closes once
+        those in flight are answered; the calls then waiting in the front end with UNAVAILABLE
+        at the close (at most one per caller waiting for its answer), where refusing them one
+        by one would fail every call a client sends until the close.
+
+        An answer counts as taken when the front's own metrics count the call's status (its
+        I/O thread records it there, and writes the answer before it ends the connection):
+        elapsed time alone is no proof on a busy core (measured: a 2 ms wait after the last
+        hand-over still lost 8-10 answers in 400, the count none; docs/benchmarks/runtimes.md
+        "Drain")."""
         answers = self._answers
         if answers:
             for call_id, data in answers:
@@ -335,16 +363,18 @@ class NativeServer:
             return False
         if self._calls:
             return False
-        events = self._front.recv_batch_details(BATCH, 0)
-        if events and refuse_new:
-            for kind, call_id, *_ in events:
-                if kind != EVENT_CANCEL:
-                    self._front.fail(call_id, _UNAVAILABLE, "the server is shutting down")
-            return False
-        if events:
-            self._on_events(events)
-            return not self._calls  # (cancellations only)
-        return True
+        if take_new:
+            events = self._front.recv_batch_details(BATCH, 0)
+            if events:
+                self._on_events(events)
+                return False
+        counts = _front_counts(self._front)
+        if counts is None:  # no metrics: the quiet time alone
+            return True
+        started, finished = counts
+        # taking: nothing started that has not finished (none queued, none unwritten);
+        # not taking, calls wait in the front: every call taken has finished there
+        return started == finished if take_new else finished >= self._received
 
 
 class _FrontMetrics(Collector):
@@ -387,85 +417,17 @@ class _FrontMetrics(Collector):
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
-def _stop_listening(port: int) -> int:
-    """Stop this process's listening TCP sockets on ``port`` (``shutdown``: the kernel takes
-    them out of the port's ``SO_REUSEPORT`` group at once, so new connections go to the other
-    servers on the port; open connections are not touched). pygrpc-native offers no call for
-    it. Returns how many were stopped (0 where ``/proc`` is not there)."""
-    stopped = 0
-    seen: set[str] = set()
-    try:
-        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
-    except OSError:
-        return 0
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if not target.startswith("socket:") or target in seen:
-            continue
-        seen.add(target)
-        try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            continue
-        with sock:
-            try:
-                if sock.type != socket.SOCK_STREAM or sock.family not in (
-                    socket.AF_INET,
-                    socket.AF_INET6,
-                ):
-                    continue
-                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    continue
-                if sock.getsockname()[1] != port:
-                    continue
-                with contextlib.suppress(OSError):  # Linux answers ENOTCONN, and stops it
-                    sock.shutdown(socket.SHUT_RD)
-                stopped += 1
-            except OSError:
-                continue
-    return stopped
-
-
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Standard error (fd 2) to /dev/null for a moment: pygrpc-native's accept loop prints a
-    plain-text line (not JSON) when its listener goes away during the close."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _thread_ids() -> set[int]:
-    try:
-        return {int(tid) for tid in os.listdir("/proc/self/task")}
-    except OSError:  # not Linux
-        return set()
-
-
-def _set_policy(tids: set[int], *, batch: bool) -> None:
-    """``SCHED_BATCH`` (or back to ``SCHED_OTHER``) for the front's I/O threads: under it Linux
-    does not let an I/O thread preempt the event loop's thread each time an answer wakes it (it
-    runs when the loop waits, or on another core), so the answers of one loop iteration cost
-    one wake-up, not one each (see the module docstring)."""
-    policy = getattr(os, "SCHED_BATCH" if batch else "SCHED_OTHER", None)
-    if policy is None or not tids:
-        log.info("native_io_policy_unavailable", threads=len(tids))
-        return
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-        except OSError as exc:  # a thread that ended, or a sandbox that forbids it
-            log.warning("native_io_policy_failed", thread=tid, error=str(exc))
+def _front_counts(front: NativeGrpcFront) -> tuple[int, int] | None:
+    """How many calls of our methods the front has started, and how many it has finished
+    (counted on its I/O threads); None without its metrics."""
+    metrics = front.metrics()
+    if metrics is None:
+        return None
+    started = finished = 0
+    for method in metrics["methods"].values():
+        started += method["started"]
+        finished += sum(status["count"] for status in method["status"].values())
+    return started, finished
 
 
 def build(parts: ServerParts) -> NativeServer:

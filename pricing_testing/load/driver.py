@@ -47,6 +47,9 @@ from pricing_testing.load.model import (
 from sync_worker.events import EVENT_FIELD, make_event
 from sync_worker.partitions import partition_of, partition_streams
 
+#: a call's request metadata
+Metadata = tuple[tuple[str, str], ...]
+
 
 class Load(LoadChecks):
     """Drives the system; ``start()``, let the fault happen, ``await stop()``, then check."""
@@ -104,6 +107,9 @@ class Load(LoadChecks):
         self.rng = random.Random(seed)
         self.model = MembershipModel()
         self.calls: list[Call] = []
+        #: each call's x-request-id is "<tag>-<n>"
+        self._call_tag = f"load{seed}x{random.getrandbits(24):06x}"
+        self._call_n = 0
         self.violations: list[Violation] = []
         self.acked_rules: list[AckedRule] = []
         self.admin_failures: Counter[str] = Counter()
@@ -252,15 +258,18 @@ class Load(LoadChecks):
         self.violations.append(Violation(what, detail, now_ms()))
 
     async def _timed(
-        self, method: str, user: str, call: Callable[[], Awaitable[Any]]
+        self, method: str, user: str, call: Callable[[Metadata], Awaitable[Any]]
     ) -> tuple[Call, Any]:
+        """``call`` with the call's own ``x-request-id`` (to find it in a server's log)."""
+        self._call_n += 1
+        request_id = f"{self._call_tag}-{self._call_n}"
         start = time.time() * 1000
         try:
-            reply = await call()
+            reply = await call((("x-request-id", request_id),))
             code = "OK"
         except grpc.aio.AioRpcError as err:
             reply, code = err, code_name(err)
-        rec = Call(method, user, start, time.time() * 1000, code)
+        rec = Call(method, user, start, time.time() * 1000, code, request_id=request_id)
         self.calls.append(rec)
         return rec, reply
 
@@ -284,7 +293,9 @@ class Load(LoadChecks):
             rec, reply = await self._timed(
                 "BatchGetLowestPrice",
                 user,
-                lambda req=req: stub.BatchGetLowestPrice(req, timeout=self.cfg.batch_deadline_s),  # type: ignore[misc]
+                lambda md, req=req: stub.BatchGetLowestPrice(  # type: ignore[misc]
+                    req, metadata=md, timeout=self.cfg.batch_deadline_s
+                ),
             )
             if rec.code != "OK":
                 detail = reply.details() if isinstance(reply, grpc.aio.AioRpcError) else ""
@@ -328,7 +339,9 @@ class Load(LoadChecks):
             rec, reply = await self._timed(
                 "CheckDiscountStrict",
                 user,
-                lambda req=req: stub.CheckDiscountStrict(req, timeout=self.cfg.strict_deadline_s),  # type: ignore[misc]
+                lambda md, req=req: stub.CheckDiscountStrict(  # type: ignore[misc]
+                    req, metadata=md, timeout=self.cfg.strict_deadline_s
+                ),
             )
             if rec.code == "OK":
                 rec.verdict = int(reply.verdict)
@@ -445,8 +458,8 @@ class Load(LoadChecks):
             rec, reply = await self._timed(
                 "UpsertDiscountRule",
                 "",
-                lambda req=req: admin.UpsertDiscountRule(  # type: ignore[misc]
-                    req, metadata=self.admin_md, timeout=self.cfg.admin_deadline_s
+                lambda md, req=req: admin.UpsertDiscountRule(  # type: ignore[misc]
+                    req, metadata=self.admin_md + md, timeout=self.cfg.admin_deadline_s
                 ),
             )
             if rec.code == "OK":

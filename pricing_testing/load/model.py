@@ -118,6 +118,8 @@ class Call:
     code: str
     degraded: bool = False
     verdict: int = 0
+    #: its x-request-id: the server logs it on the call's rpc_finished line
+    request_id: str = ""
 
     @property
     def latency_ms(self) -> float:

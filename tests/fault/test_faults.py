@@ -282,13 +282,16 @@ async def test_sync_worker_sigkill_mid_snapshot_batch(running: tuple[System, Loa
 
 async def test_pricing_server_sigterm_under_load(system: System, server_runtime: str) -> None:
     """Two servers share the port (a rolling restart); one gets SIGTERM under load while calls
-    are held in flight (Redis paused for 300 ms): it drains them and exits 0; no call fails
-    except, possibly, one that reaches the server in the very moment it shuts down, before a
-    handler took it: gRPC core answers those CANCELLED (grpc/grpc#41785). On grpcio that moment
-    is the signal (it stops taking streams at once and finishes the open ones). The native
+    are held in flight (Redis paused for 300 ms): it drains them and exits 0. No answer is lost:
+    every call the server logged as answered reached its client as answered. No call fails
+    except, possibly, those that reach the server in the very moment it shuts down, before a
+    handler took them: gRPC core answers those CANCELLED (grpc/grpc#41785). On grpcio that moment is
+    the signal (it stops taking streams at once and finishes the open ones). The native
     runtime cannot do that (pygrpc-native 0.5's close() ends open streams with its GOAWAY), so
     it serves every call through the drain and closes once none has been in flight for a few
-    milliseconds: that moment is its close, which it logs (the same 20 ms either side)."""
+    milliseconds: that moment is its close, which it logs; a call it ends there was never
+    served, and its client learns of it no earlier than the close (a caller can fail more than
+    once there: a call sent on the connection after its GOAWAY, before the channel moved)."""
     system.env["PRICING_MEMBERSHIP_BUDGET_MS"] = "450"
     first = system.start_server()
     system.start_server()
@@ -317,28 +320,29 @@ async def test_pricing_server_sigterm_under_load(system: System, server_runtime:
     assert code == 0, first.log()
     assert "server_stopped" in first.log()
     print("signalled", signalled, "exited", exited)
+    lines = [json.loads(line) for line in first.log().splitlines() if line.startswith("{")]
+    answered = {e["request_id"]: e["code"] for e in lines if e.get("event") == "rpc_finished"}
+    assert answered, "the server logged no call"
+    # the server finished these with one code, their clients saw another (no answer)
+    lost = [c for c in load.calls if answered.get(c.request_id, c.code) != c.code]
+    assert not lost, [(c, answered[c.request_id]) for c in lost]
     before = [c for c in load.calls if c.start_ms < signalled]
     assert all(c.code == "OK" for c in before), [c for c in before if c.code != "OK"][:5]
     held = [c for c in before if c.end_ms > signalled + 100]
     assert held, "no call was in flight across the SIGTERM"
     racing = [c for c in load.calls if c.code != "OK"]
     allowed: tuple[str, ...] = ("CANCELLED", "UNAVAILABLE")
-    moment = (signalled, signalled + 20)
-    most = 4
     if server_runtime == "native":
         # a call sent in the instant of the close can also wait out the client's reconnect
         # backoff (1 s) after the connection is cut, and end DEADLINE_EXCEEDED
         allowed = ("CANCELLED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
-        lines = [json.loads(line) for line in first.log().splitlines() if line.startswith("{")]
         closing = next(e["at_ms"] for e in lines if e.get("event") == "native_runtime_closing")
-        closed = next(e["at_ms"] for e in lines if e.get("event") == "native_runtime_closed")
-        moment = (closing - 20, closed + 20)
-        # the calls of that moment: its 20 ms either side at the load's own rate
-        rate = len(load.calls) / max(1.0, (load.calls[-1].end_ms - load.calls[0].start_ms))
-        most = max(4, round(rate * (moment[1] - moment[0])))
+        # ended by the close, not refused before it (at_ms is whole milliseconds)
+        assert all(c.end_ms >= closing for c in racing), (closing, racing)
+    else:
+        moment = (signalled, signalled + 20)
+        assert all(moment[0] <= c.start_ms <= moment[1] for c in racing), (moment, racing)
     assert all(c.code in allowed for c in racing), racing
-    assert all(moment[0] <= c.start_ms <= moment[1] for c in racing), (moment, racing)
-    assert len(racing) <= most, (most, racing)
     others = [v for v in load.violations if not any(c in v.detail for c in allowed)]
     assert not others, others
     after = load.calls_between("BatchGetLowestPrice", exited, now_ms())
