@@ -28,7 +28,7 @@ def stop_accepting(port: int) -> int:
     how many. The front's accept loop then fails every 50 ms until the close, and logs a
     warning each time (:func:`accept_failures_unlogged`)."""
     stopped = 0
-    for _fd, sock in listeners(port):
+    for sock in listeners(port):
         with sock:
             with contextlib.suppress(OSError):  # Linux answers ENOTCONN, and stops it
                 sock.shutdown(socket.SHUT_RD)
@@ -36,10 +36,10 @@ def stop_accepting(port: int) -> int:
     return stopped
 
 
-def listeners(port: int) -> list[tuple[int, socket.socket]]:
-    """This process's listening TCP sockets on ``port``: each descriptor, and a duplicate of it
-    (close it), found through ``/proc`` (none where it is not there)."""
-    found: list[tuple[int, socket.socket]] = []
+def listeners(port: int) -> list[socket.socket]:
+    """This process's listening TCP sockets on ``port``, as duplicates (close them), found
+    through ``/proc`` (none where it is not there)."""
+    found: list[socket.socket] = []
     seen: set[str] = set()
     try:
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
@@ -64,7 +64,7 @@ def listeners(port: int) -> list[tuple[int, socket.socket]]:
                 and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
                 and sock.getsockname()[1] == port
             ):
-                found.append((fd, sock))
+                found.append(sock)
                 continue
         except OSError:
             pass

@@ -21,6 +21,7 @@ import pytest
 
 from pricing.v1 import common_pb2, pricing_pb2, pricing_pb2_grpc
 from pricing_service.runtime.native import DRAIN_SERVE_S
+from pricing_testing.load import now_ms
 from pricing_testing.procs import pricing_service, service_env, wait_serving
 from pricing_testing.redis_server import RedisServer
 from tests.support.rpcs import upsert_fan_rule
@@ -36,10 +37,6 @@ class Sent:
     start_ms: float
     end_ms: float
     code: grpc.StatusCode
-
-
-def now_ms() -> float:
-    return time.time() * 1000
 
 
 def caller(target: str, n: int, stop: threading.Event, out: list[Sent]) -> None:
