@@ -59,6 +59,8 @@ class Point:
     #: loop included): minus the RPC's, the time calls waited in the runtime
     runtime_p50_ms: float | None = None
     runtime_p99_ms: float | None = None
+    #: the native runtime's event-loop waits and front receives per RPC (warm-up included)
+    pump: dict[str, float] = field(default_factory=dict)
 
 
 #: requests/s of one paced h2load connection: at most one request per 10 ms timer tick
@@ -258,6 +260,9 @@ class Harness:
         return peak, points
 
 
+_PUMP = "pricing_native_pump_total"
+
+
 def _server_view(point: Point, before: Samples, after: Samples) -> None:
     """The server's own counters and histograms over a point."""
 
@@ -268,6 +273,16 @@ def _server_view(point: Point, before: Samples, after: Samples) -> None:
         total(after, "pricing_degraded_answers_total")
         - total(before, "pricing_degraded_answers_total")
     )
+    rpcs = total(after, "pricing_rpc_latency_seconds_count") - total(
+        before, "pricing_rpc_latency_seconds_count"
+    )
+    if rpcs > 0:
+        for labels in {tuple(sorted(lb.items())) for n, lb, _ in after if n == _PUMP}:
+            event = dict(labels).get("event", "")
+            n = sum(v for m, lb, v in after if m == _PUMP and lb.get("event") == event) - sum(
+                v for m, lb, v in before if m == _PUMP and lb.get("event") == event
+            )
+            point.pump[event] = round(n / rpcs, 3)
     rtt = histogram_delta(
         histogram(before, "pricing_redis_round_trip_seconds", op="batch_lookup"),
         histogram(after, "pricing_redis_round_trip_seconds", op="batch_lookup"),
@@ -306,10 +321,13 @@ def report(p: Point) -> None:
         extra += f"  in-server p50/p99 {p.rpc_p50_ms}/{p.rpc_p99_ms} ms"
     if p.runtime_p99_ms is not None:
         extra += f" (runtime {p.runtime_p50_ms}/{p.runtime_p99_ms})"
+    if p.pump:
+        extra += "\n      loop per rpc: " + ", ".join(f"{k} {v:.2f}" for k, v in p.pump.items())
     h2 = f"{p.h2load_cpu_us_per_req:4.0f}" if p.h2load_cpu_us_per_req else "   -"
     for kind, t in sorted(p.threads.items()):
         extra += (
-            f"\n      thread {kind:15} cpu {t['cpu_us']:6.1f} us/req  run-queue wait "
+            f"\n      thread {kind:15} cpu {t['cpu_us']:6.1f} us/req (kernel {t['sys_us']:5.1f})  "
+            f"run-queue wait "
             f"{t['runq_wait_us']:6.1f} us/req  switches {t['switches']:5.2f}/req "
             f"(preempted {t['preempted']:4.2f})"
         )

@@ -63,9 +63,13 @@ def core_busy(
     return out
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def thread_times(pids: Sequence[int]) -> dict[str, list[float]]:
     """Per kind of thread of the processes ``pids``: [CPU s, run-queue wait s, voluntary and
-    involuntary context switches] from ``/proc/<pid>/task/<tid>/{schedstat,status}``. The kind
+    involuntary context switches, system (kernel) CPU s] from
+    ``/proc/<pid>/task/<tid>/{schedstat,status,stat}``. The kind
     is ``loop`` for a process's main thread (the event loop's), else the thread's name
     (``grpc-native-io`` for pygrpc-native's I/O threads, ``python`` for other Python threads)."""
     out: dict[str, list[float]] = {}
@@ -83,30 +87,36 @@ def thread_times(pids: Sequence[int]) -> dict[str, list[float]]:
                     run_ns, wait_ns, _ = f.read().split()
                 with open(f"{base}/status") as f:
                     status = f.read()
+                with open(f"{base}/stat") as f:
+                    # after the ")" closing the name: state is field 3, stime field 15
+                    stime_ticks = int(f.read().rsplit(")", 1)[1].split()[12])
             except OSError:
                 continue
             vol = int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
             invol = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
             kind = "loop" if tid == str(pid) else name
-            acc = out.setdefault(kind, [0.0, 0.0, 0.0, 0.0])
+            acc = out.setdefault(kind, [0.0, 0.0, 0.0, 0.0, 0.0])
             acc[0] += int(run_ns) / 1e9
             acc[1] += int(wait_ns) / 1e9
             acc[2] += vol
             acc[3] += invol
+            acc[4] += stime_ticks / _TICKS
     return out
 
 
 def thread_delta(
     before: Mapping[str, list[float]], after: Mapping[str, list[float]], requests: float
 ) -> dict[str, dict[str, float]]:
-    """Per request, by kind of thread: CPU us, run-queue wait us, context switches."""
+    """Per request, by kind of thread: CPU us (of it in the kernel), run-queue wait us,
+    context switches."""
     out = {}
-    for kind, (run, wait, vol, invol) in after.items():
-        r0, w0, v0, i0 = before.get(kind, [0.0, 0.0, 0.0, 0.0])
+    for kind, (run, wait, vol, invol, sys) in after.items():
+        r0, w0, v0, i0, s0 = before.get(kind, [0.0, 0.0, 0.0, 0.0, 0.0])
         if not requests or (run - r0) < 0.01:
             continue
         out[kind] = {
             "cpu_us": round((run - r0) / requests * 1e6, 1),
+            "sys_us": round((sys - s0) / requests * 1e6, 1),
             "runq_wait_us": round((wait - w0) / requests * 1e6, 1),
             "switches": round((vol - v0 + invol - i0) / requests, 2),
             "preempted": round((invol - i0) / requests, 2),

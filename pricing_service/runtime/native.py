@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 import structlog
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from pygrpc_native import EVENT_CANCEL, NativeGrpcFront
 from pygrpc_native import __version__ as NATIVE_VERSION
@@ -206,6 +206,8 @@ class NativeServer:
         if pipeline is not None:
             _FrontMetrics(front, pipeline.metrics.registry)
         self._pump = Pump(front, loop, self._on_events, self, parts.settings.native_pump)
+        if pipeline is not None:
+            _PumpMetrics(self._pump, pipeline.metrics.registry)
         if self._pump.mode == "loop":
             self._answers = []
         front.start()
@@ -411,6 +413,26 @@ class _FrontMetrics(Collector):
                     buckets.append(("+Inf", total))
                     name = _CODE_NAMES.get(code, str(code))
                     family.add_metric([short, name], buckets, series["sum"])
+        yield family
+
+
+class _PumpMetrics(Collector):
+    """``pricing_native_pump_total{event}``: the loop's waits for I/O, the front's receives
+    (and how many found nothing), the waits that could block; per request, they show what
+    the arrival shape costs the loop."""
+
+    def __init__(self, pump: Pump, registry: CollectorRegistry) -> None:
+        self._pump = pump
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "pricing_native_pump",
+            "Native runtime: the event loop's waits for I/O and receives from the front",
+            labels=["event"],
+        )
+        for event, n in self._pump.counts.items():
+            family.add_metric([event], n)
         yield family
 
 

@@ -71,6 +71,9 @@ class Pump:
         self._closed = False
         self._draining = False
         self._polled_at = 0.0
+        #: the loop's waits for I/O, the front's receives (of them empty), and the waits that
+        #: could block (``pricing_native_pump_total``: per request, what a call shape costs)
+        self.counts = {"waits": 0, "receives": 0, "receives_empty": 0, "blocking_waits": 0}
         # set: the waker thread may block in the front's receive for the loop
         self._gate = threading.Event()
         self._thread = threading.Thread(target=self._wake, name="native-waker", daemon=True)
@@ -108,6 +111,8 @@ class Pump:
         """The loop's wait for I/O, taking ready calls first (loop mode)."""
         if self._closed:
             return inner.select(timeout)
+        counts = self.counts
+        counts["waits"] += 1
         front = self._front
         answers = self._server._answers
         if answers:
@@ -120,16 +125,20 @@ class Pump:
         if busy and now - self._polled_at < BUSY_POLL_GAP_S:
             return inner.select(0)  # looked a moment ago: the loop's own work first
         self._polled_at = now
+        counts["receives"] += 1
         events = front.recv_batch_details(BATCH, 0)
         if events:
             self._safe_deliver(events)
             return inner.select(0)
+        counts["receives_empty"] += 1
         if busy:
             return inner.select(0)
         if self._server.in_flight or self._draining:
             # calls in flight: their replies are near; look for new calls again soon (and
             # always while draining: the thread no longer receives)
+            counts["blocking_waits"] += 1
             return inner.select(BUSY_POLL_S if timeout is None else min(timeout, BUSY_POLL_S))
+        counts["blocking_waits"] += 1
         # nothing in flight: sleep, and let the thread receive for us meanwhile
         self._gate.set()
         try:

@@ -621,7 +621,9 @@ async def test_health_follows_redis_and_shutdown(hp: tuple[Harness, RedisServer]
         await asyncio.sleep(0.1)
 
 
-async def test_metrics_endpoint(redis_url: str, namespace: str, tmp_path: Path) -> None:
+async def test_metrics_endpoint(
+    redis_url: str, namespace: str, tmp_path: Path, server_runtime: str
+) -> None:
     port = free_port()
     h = await start_harness(redis_url, namespace, tmp_path, metrics_port=port)
     try:
@@ -641,6 +643,20 @@ async def test_metrics_endpoint(redis_url: str, namespace: str, tmp_path: Path) 
         assert "pricing_rpc_latency_seconds_bucket" in body
         assert "pricing_rule_index_revision" in body
         assert "pricing_redis_round_trip_seconds" in body
+        if server_runtime == "native":
+            # the front's own time per call, and the loop's waits and receives (the pump
+            # took both calls itself or through its thread: at least one receive found them)
+            assert (
+                'pricing_runtime_call_seconds_count{code="OK",method="BatchGetLowestPrice"}' in body
+            )
+            pump = {
+                line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                for line in body.splitlines()
+                if line.startswith("pricing_native_pump_total{")
+            }
+            assert set(pump) == {"waits", "receives", "receives_empty", "blocking_waits"}
+            assert pump["waits"] >= pump["receives"] >= pump["receives_empty"] >= 0
+            assert pump["waits"] > 0
     finally:
         await stop_harness(h)
 

@@ -103,3 +103,20 @@ def test_rounds_must_be_positive() -> None:
 
     with pytest.raises(SystemExit):
         main(["--rounds", "0"])
+
+
+def test_thread_delta_splits_kernel_time_per_request() -> None:
+    from bench.harness import thread_delta  # noqa: PLC0415
+
+    before = {"loop": [1.0, 0.5, 10.0, 2.0, 0.2], "idle": [0.5, 0.0, 0.0, 0.0, 0.0]}
+    after = {"loop": [3.0, 1.5, 30.0, 12.0, 0.6], "idle": [0.505, 0.0, 0.0, 0.0, 0.0]}
+    out = thread_delta(before, after, 1000)
+    assert out == {
+        "loop": {
+            "cpu_us": 2000.0,
+            "sys_us": 400.0,
+            "runq_wait_us": 1000.0,
+            "switches": 0.03,
+            "preempted": 0.01,
+        }
+    }  # a thread that ran under 10 ms over the point is left out
