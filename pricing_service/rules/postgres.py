@@ -60,6 +60,14 @@ class _PgTx:
         return cur.rowcount
 
 
+#: How long one reconnect attempt of the pool keeps backing off (psycopg_pool doubles its delay
+#: from 1 s, for 5 min by default) before it gives up; the next read that finds no connection
+#: starts a new one at once. Bounds the time to use PostgreSQL again once it is back to ~1 s,
+#: whatever the outage's length (with the default it grew with the outage: 1.6-5.8 s after
+#: 10-12 s down; docs/benchmarks/rules.md, "Recovery after a PostgreSQL outage").
+RECONNECT_TIMEOUT_S = 2.0
+
+
 class PostgresRuleStore(SqlRuleStore):
     """Rule store in PostgreSQL, through a connection pool."""
 
@@ -71,7 +79,13 @@ class PostgresRuleStore(SqlRuleStore):
         self._timeout_s = max(settings.rule_store_busy_timeout_ms / 1000, 0.1)
 
     @classmethod
-    async def open(cls, settings: Settings, clock: Clock | None = None) -> PostgresRuleStore:
+    async def open(
+        cls,
+        settings: Settings,
+        clock: Clock | None = None,
+        *,
+        reconnect_timeout_s: float = RECONNECT_TIMEOUT_S,
+    ) -> PostgresRuleStore:
         timeout = max(settings.rule_store_busy_timeout_ms / 1000, 1.0)
         pool = AsyncConnectionPool(
             settings.rule_store_url,
@@ -80,6 +94,7 @@ class PostgresRuleStore(SqlRuleStore):
             kwargs={"autocommit": True},
             timeout=timeout,
             name="rule-store",
+            reconnect_timeout=reconnect_timeout_s,
             open=False,
         )
         try:

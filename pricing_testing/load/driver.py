@@ -43,6 +43,7 @@ from pricing_testing.load.model import (
     code_name,
     money,
     now_ms,
+    reason_of,
 )
 from sync_worker.events import EVENT_FIELD, make_event
 from sync_worker.partitions import partition_of, partition_streams
@@ -264,12 +265,15 @@ class Load(LoadChecks):
         self._call_n += 1
         request_id = f"{self._call_tag}-{self._call_n}"
         start = time.time() * 1000
+        reason = ""
         try:
             reply = await call((("x-request-id", request_id),))
             code = "OK"
         except grpc.aio.AioRpcError as err:
-            reply, code = err, code_name(err)
-        rec = Call(method, user, start, time.time() * 1000, code, request_id=request_id)
+            reply, code, reason = err, code_name(err), reason_of(err)
+        rec = Call(
+            method, user, start, time.time() * 1000, code, request_id=request_id, reason=reason
+        )
         self.calls.append(rec)
         return rec, reply
 

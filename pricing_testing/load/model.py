@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from redis.exceptions import RedisError
 
 from pricing.v1 import common_pb2
@@ -42,6 +44,23 @@ def code_name(err: BaseException) -> str:
     if isinstance(err, grpc.aio.AioRpcError):
         return str(err.code().name)
     return type(err).__name__
+
+
+def reason_of(err: BaseException) -> str:
+    """The ``ErrorInfo`` reason a server gave with an error ("" when it carries none: the
+    transport's own failures, a deadline the client enforced)."""
+    if not isinstance(err, grpc.aio.AioRpcError):
+        return ""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError:
+        return ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -120,6 +139,8 @@ class Call:
     verdict: int = 0
     #: its x-request-id: the server logs it on the call's rpc_finished line
     request_id: str = ""
+    #: the ErrorInfo reason of a failure ("" for none)
+    reason: str = ""
 
     @property
     def latency_ms(self) -> float:

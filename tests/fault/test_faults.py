@@ -26,10 +26,10 @@ import pytest
 
 from pricing.v1 import pricing_pb2, pricing_pb2_grpc
 from pricing_testing.load import ITEM, Load
+from pricing_testing.postgres_server import PostgresServer
 from tests.fault.conftest import (
     FAULT_ENV,
     STRICT_MAX_LAG_MS,
-    PostgresServer,
     System,
     assert_mostly_fresh,
     assert_recovered,
