@@ -416,7 +416,13 @@ async def test_postgresql_restart(system: System, private_pg: PostgresServer) ->
     out = await rule_store_outage(load, private_pg.stop, private_pg.start, 1.5, "after-restart")
     summary = out.summary
     load.assert_no_violations()
-    down = load.calls_between("CheckDiscountStrict", out.started + 100, out.ending)
+    # strict calls made while PostgreSQL was down (one started just before the restart may
+    # get a connection once it is back, since the pool finds it again within ~0.5 s)
+    down = [
+        c
+        for c in load.calls_between("CheckDiscountStrict", out.started + 100, out.ending)
+        if c.end_ms < out.ending
+    ]
     # refused: UNAVAILABLE, or the pool's wait for a connection outlasts the 1 s deadline
     assert down and all(c.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") for c in down), summary
     pages = load.calls_between("BatchGetLowestPrice", out.starting, out.ending)
