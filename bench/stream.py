@@ -112,6 +112,10 @@ async def group_members(r: aioredis.Redis, streams: Sequence[str]) -> set[str]:
     return names
 
 
+#: the least time the throughput run waits for the consumers to drain the streams
+STALL_MIN_S = 120.0
+
+
 async def throughput(url: str, n: int, partitions: int, workers: int) -> dict[str, Any]:
     r = aioredis.Redis.from_url(url, socket_timeout=30)
     pub = PartitionedPublisher(r, STREAM, partitions, chunk=2000)
@@ -144,10 +148,17 @@ async def throughput(url: str, n: int, partitions: int, workers: int) -> dict[st
         t_first = None
         read_first = 0
         cpu0: dict[str, float] = {}  # per worker: CPU at the start of its measured interval
+        # a stalled consumer must end the run, not hang it (~20,000 events/s is typical)
+        deadline = time.perf_counter() + max(STALL_MIN_S, n / 2_000)
         while True:
             states = [await group_state(r, s) for s in streams]
             read = sum(st[0] for st in states)
             now_p = time.perf_counter()
+            if now_p > deadline:
+                raise RuntimeError(
+                    f"the consumers read {read:,} of {n:,} events before the deadline "
+                    f"({max(STALL_MIN_S, n / 2_000):.0f} s): stalled"
+                )
             if t_first is None and read > 0:
                 t_first, read_first = now_p, read
                 rcpu0 = await redis_cpu_s(r)
