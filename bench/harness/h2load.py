@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,13 @@ class Harness:
         return peak, points
 
 
-_PUMP = "pricing_native_pump_total"
+def _pump_counts(samples: Samples) -> defaultdict[str, float]:
+    """``pricing_native_pump_total`` by event, summed over the server processes."""
+    out: defaultdict[str, float] = defaultdict(float)
+    for name, labels, value in samples:
+        if name == "pricing_native_pump_total":
+            out[labels.get("event", "")] += value
+    return out
 
 
 def _server_view(point: Point, before: Samples, after: Samples) -> None:
@@ -277,12 +284,8 @@ def _server_view(point: Point, before: Samples, after: Samples) -> None:
         before, "pricing_rpc_latency_seconds_count"
     )
     if rpcs > 0:
-        for labels in {tuple(sorted(lb.items())) for n, lb, _ in after if n == _PUMP}:
-            event = dict(labels).get("event", "")
-            n = sum(v for m, lb, v in after if m == _PUMP and lb.get("event") == event) - sum(
-                v for m, lb, v in before if m == _PUMP and lb.get("event") == event
-            )
-            point.pump[event] = round(n / rpcs, 3)
+        b, a = _pump_counts(before), _pump_counts(after)
+        point.pump = {event: round((n - b[event]) / rpcs, 3) for event, n in a.items()}
     rtt = histogram_delta(
         histogram(before, "pricing_redis_round_trip_seconds", op="batch_lookup"),
         histogram(after, "pricing_redis_round_trip_seconds", op="batch_lookup"),

@@ -328,7 +328,7 @@ class NativeServer:
                 break
             await asyncio.sleep(DRAIN_POLL_S)
         # nothing runs on the loop between the last look and the GOAWAY
-        if self._pump is not None:
+        if taking and self._pump is not None:
             self._pump.stop()
         closing = time.time_ns() // 1_000_000
         self._front.close()

@@ -9,8 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from redis.exceptions import RedisError
 
 from pricing.v1 import common_pb2
@@ -18,6 +16,7 @@ from pricing_service.membership import derive
 from pricing_service.membership.derive import FactWrite, MembershipWrite, Ttls
 from pricing_service.membership.layout import Facts, Follow, Purchases
 from pricing_service.redis_errors import TRANSIENT_ERRORS
+from pricing_testing.status import error_details
 
 SELLER = "42"
 ITEM = "1001"
@@ -52,15 +51,10 @@ def reason_of(err: BaseException) -> str:
     if not isinstance(err, grpc.aio.AioRpcError):
         return ""
     try:
-        status = rpc_status.from_call(err)
-    except ValueError:
+        details = error_details(err)
+    except ValueError:  # a status that disagrees with the call's code
         return ""
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
+    return details[0] if details is not None else ""
 
 
 # --- the model ------------------------------------------------------------------------------
